@@ -18,35 +18,23 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_prep.dataset import ImageDataset
 from data_prep.images import is_image_file
 from data_prep.labels import LabelsError, read_labels
-from data_prep.transforms import eval_transform
-from experts import Ensemble, WeightsError, load_ensemble
+from evaluation.scoring import Score, score_images
+from experts import WeightsError, load_ensemble
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 class SourceError(ValueError):
     """An input that names no images: missing path, empty folder, unusable CSV."""
-
-
-@dataclass
-class Score:
-    name: str
-    prob: float
-    expert_probs: np.ndarray
-    error: str = ""
 
 
 def collect_images(sources: Sequence[str]) -> list[tuple[str, str]]:
@@ -80,29 +68,6 @@ def collect_images(sources: Sequence[str]) -> list[tuple[str, str]]:
         else:
             raise SourceError(f"{source}: no such file or folder")
     return items
-
-
-def score_images(ensemble: Ensemble, paths: Sequence[str], names: Sequence[str] | None = None,
-                 batch_size: int = 32, workers: int = 0, device: str | torch.device = "cpu",
-                 progress: bool = True) -> Iterator[Score]:
-    """Yield a :class:`Score` per image, in input order; unreadable images carry ``error`` and NaN scores."""
-    names = list(names) if names is not None else list(paths)
-    device = torch.device(device)
-    dataset = ImageDataset(paths, {s: eval_transform(s) for s in ensemble.input_sizes})
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False))
-    with tqdm(total=len(dataset), desc="scoring", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in loader:
-            ok = torch.tensor([not e for e in batch["error"]])
-            probs = np.full((len(ok), len(ensemble.names)), np.nan)
-            if ok.any():
-                with autocast:
-                    images = {s: t[ok].to(device, non_blocking=True) for s, t in batch["images"].items()}
-                    probs[ok.numpy()] = ensemble.expert_probs(images).float().cpu().numpy()
-            combined = ensemble.combine(torch.from_numpy(probs)).numpy()
-            for j, index in enumerate(batch["index"].tolist()):
-                yield Score(names[index], float(combined[j]), probs[j], batch["error"][j])
-            bar.update(len(ok))
 
 
 def write_submission(scores: Sequence[Score], out: str | Path, expert_names: Sequence[str] | None = None) -> Path:

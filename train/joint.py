@@ -22,6 +22,7 @@ import shlex
 import sys
 import time
 from contextlib import ExitStack, nullcontext
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,7 +43,8 @@ from data_prep.dataset import ImageDataset
 from data_prep.labels import read_labels, split_by_group
 from data_prep.transforms import shortcut_free_eval_transform, train_transform
 from evaluation.metrics import detection_metrics
-from experts import Expert, create_expert, save_ensemble
+from evaluation.scoring import score_images
+from experts import Ensemble, Expert, create_expert, save_ensemble
 from train.config import TrainConfig, load_config
 
 CHECKPOINT = "checkpoint.pt"
@@ -92,9 +94,8 @@ class EpochSampler(Sampler[int]):
         return self.n - self.start
 
 
-def make_loader(dataset: ImageDataset, cfg: TrainConfig, sampler: Sampler | None = None) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                      drop_last=sampler is not None, persistent_workers=False)
+def make_loader(dataset: ImageDataset, cfg: TrainConfig, sampler: Sampler) -> DataLoader:
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=True)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -163,38 +164,35 @@ def train_step(experts: dict[str, Expert], batch: dict[str, Any], device: torch.
     return losses
 
 
-@torch.inference_mode()
-def predict(experts: dict[str, Expert], loader: DataLoader, device: torch.device, autocast) -> tuple[np.ndarray, np.ndarray]:
-    """Fake probabilities ``[N, E]`` of each expert and the targets ``[N]`` (unreadable images dropped)."""
-    probs, targets = [], []
-    for batch in loader:
-        ok = torch.tensor([not e for e in batch["error"]])
-        with autocast:
-            p = [expert(batch["images"][expert.config.input_size][ok].to(device)
-                        .contiguous(memory_format=torch.channels_last))[0].float().softmax(-1)[:, 1]
-                 for expert in experts.values()]
-        probs.append(torch.stack(p, 1).cpu())
-        targets.append(batch["target"][ok])
-    return torch.cat(probs).numpy(), torch.cat(targets).numpy()
+def evaluate(experts: dict[str, Expert], emas: dict[str, ExponentialMovingAverage], val: dict[str, pd.DataFrame],
+             cfg: TrainConfig, device: torch.device) -> dict[str, dict[str, float]]:
+    """Metrics of each expert and of the ensemble, per validation set, with the EMA weights.
 
-
-def evaluate(experts: dict[str, Expert], emas: dict[str, ExponentialMovingAverage], loaders: dict[str, DataLoader],
-             device: torch.device, autocast) -> dict[str, dict[str, float]]:
-    """Metrics of each expert and of the ensemble mean, per validation set, with the EMA weights."""
-    for e in experts.values():
-        e.eval()
+    Scoring goes through the same code as ``infer.py`` (``score_images``), with the validation protocol's
+    transform: resize, then one JPEG quality for both classes.
+    """
+    ensemble = Ensemble(experts, expert_weights(cfg))
+    transform = partial(shortcut_free_eval_transform, jpeg_quality=cfg.val_jpeg_quality)
     results: dict[str, dict[str, float]] = {}
     with ExitStack() as stack:
         for key in experts:
             stack.enter_context(emas[key].average_parameters())
-        for set_name, loader in loaders.items():
-            probs, targets = predict(experts, loader, device, autocast)
+        ensemble.eval()
+        for set_name, df in val.items():
+            scores = list(score_images(ensemble, df["path"], batch_size=cfg.batch_size, workers=cfg.workers,
+                                       device=device, progress=False, transform=transform))
+            ok = np.array([not s.error for s in scores])
+            targets = df["target"].to_numpy()[ok]
             for i, key in enumerate(experts):
-                results[f"{set_name}/{key}"] = detection_metrics(targets, probs[:, i])
-            results[f"{set_name}/ensemble"] = detection_metrics(targets, probs.mean(1))
-    for e in experts.values():
-        e.train()
+                results[f"{set_name}/{key}"] = detection_metrics(targets, [s.expert_probs[i] for s in scores if not s.error])
+            results[f"{set_name}/ensemble"] = detection_metrics(targets, [s.prob for s in scores if not s.error])
+    ensemble.train()
     return results
+
+
+def expert_weights(cfg: TrainConfig) -> dict[str, float]:
+    """Each expert's weight in the ensemble average (``weight`` in its config entry, default 1)."""
+    return {spec.get("key", spec["name"]): float(spec.get("weight", 1.0)) for spec in cfg.experts}
 
 
 def selection_score(results: dict[str, dict[str, float]], set_names: list[str]) -> float:
@@ -233,7 +231,6 @@ def write_weights(experts: dict[str, Expert], emas: dict[str, ExponentialMovingA
                   results: dict[str, dict[str, float]], epoch: int, step: int, command: str) -> Path:
     """Save the EMA weights of every expert as a weights folder, with the run's record in the manifest."""
     out = Path(cfg.weights_out or Path(cfg.out_dir) / "weights")
-    weights = {spec.get("key", spec["name"]): spec.get("weight", 1.0) for spec in cfg.experts}
     per_expert = {key: {"val_metrics": {k.split("/")[0]: v for k, v in results.items() if k.endswith(f"/{key}")}}
                   for key in experts}
     metadata = {
@@ -246,7 +243,7 @@ def write_weights(experts: dict[str, Expert], emas: dict[str, ExponentialMovingA
     with ExitStack() as stack:
         for key in experts:
             stack.enter_context(emas[key].average_parameters())
-        save_ensemble(experts, out, weights=weights, metadata=metadata, expert_metadata=per_expert)
+        save_ensemble(experts, out, weights=expert_weights(cfg), metadata=metadata, expert_metadata=per_expert)
     return out
 
 
@@ -267,11 +264,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     train_set = ImageDataset(splits.train["path"], {s: train_transform(s, cfg.aug_strength) for s in sizes},
                              splits.train["target"], seed=cfg.seed)
     sampler = EpochSampler(len(train_set), cfg.seed)
-    val_loaders = {
-        name: make_loader(ImageDataset(df["path"], {s: shortcut_free_eval_transform(s, cfg.val_jpeg_quality)
-                                                    for s in sizes}, df["target"]), cfg)
-        for name, df in splits.val.items()
-    }
     steps_per_epoch = len(train_set) // cfg.batch_size
     if cfg.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
@@ -335,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 break
         bar.close()
 
-        results = evaluate(experts, emas, val_loaders, device, autocast)
+        results = evaluate(experts, emas, splits.val, cfg, device)
         score = selection_score(results, list(splits.val))
         row = {"epoch": epoch + 1, "step": step, "loss": float(loss.item()), "score": score,
                **{f"{k}/{m}": v[m] for k, v in results.items() for m in ("auc", "tpr@fpr1e-3", "eer", "acc@0.5")}}
