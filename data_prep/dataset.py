@@ -5,15 +5,14 @@ images, and the consumer (training or scoring) decides what to do with it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .images import ImageLoadError, load_image
-
-SizedTransform = Callable[[np.ndarray], Any]
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -21,23 +20,18 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
-def _apply(transform: SizedTransform, image: np.ndarray) -> np.ndarray:
-    out = transform(image=image) if hasattr(transform, "processors") else transform(image)
-    return out["image"] if isinstance(out, dict) else out
-
-
 class ImageDataset(Dataset):
     """Items ``{"index", "target", "images": {size: [3, S, S]}, "error"}``.
 
     Args:
         paths: Image file paths.
-        transforms: One transform per input size (an albumentations Compose or a function of an array).
+        transforms: One albumentations pipeline per input size.
         targets: Labels (0 real, 1 fake); -1 where unknown.
         seed: When given, item ``i`` of epoch ``e`` is augmented with a seed derived from (seed, e, i), so a
             run is reproducible whatever the number of loader workers. Set :attr:`epoch` before each epoch.
     """
 
-    def __init__(self, paths: Sequence[str], transforms: Mapping[int, SizedTransform],
+    def __init__(self, paths: Sequence[str], transforms: Mapping[int, A.Compose],
                  targets: Sequence[int] | None = None, seed: int | None = None):
         self.paths = list(paths)
         self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
@@ -60,11 +54,10 @@ class ImageDataset(Dataset):
             return item
         if self.seed is not None:
             self._reseed(index)
-        item["images"] = {s: to_tensor(_apply(t, image)) for s, t in self.transforms.items()}
+        item["images"] = {s: to_tensor(t(image=image)["image"]) for s, t in self.transforms.items()}
         return item
 
     def _reseed(self, index: int) -> None:
         seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
         for transform in self.transforms.values():
-            if hasattr(transform, "set_random_seed"):
-                transform.set_random_seed(seed)
+            transform.set_random_seed(seed)

@@ -1,19 +1,20 @@
 """Image transforms (albumentations): training augmentations and the evaluation resize.
 
+Every builder returns an ``A.Compose``: called as ``t(image=rgb_array)["image"]``, reseedable with
+``t.set_random_seed``.
+
 Training augmentations are applied to real and fake images alike. Their job is to remove shortcuts (JPEG
 quality, file size, up-sampling blur, face size) so that the network must find the traces of synthesis.
 """
 from __future__ import annotations
 
 import io
-from typing import Callable
+from functools import partial
 
 import albumentations as A
 import cv2
 import numpy as np
 from PIL import Image
-
-Transform = Callable[[np.ndarray], np.ndarray]
 
 
 def eval_transform(size: int) -> A.Compose:
@@ -44,23 +45,18 @@ def train_transform(size: int, strength: float = 1.0) -> A.Compose:
     ])
 
 
-def jpeg_reencode(image: np.ndarray, quality: int) -> np.ndarray:
+def jpeg_reencode(image: np.ndarray, quality: int, **_: object) -> np.ndarray:
     """Re-encode an RGB array as JPEG at ``quality`` (Pillow, 4:2:0), to put every image on one footing."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))
+    return np.array(Image.open(buf).convert("RGB"))
 
 
-def shortcut_free_eval_transform(size: int, jpeg_quality: int = 75) -> Transform:
+def shortcut_free_eval_transform(size: int, jpeg_quality: int = 75) -> A.Compose:
     """The validation protocol: the evaluation resize, then one JPEG quality for both classes.
 
     Used to measure validation AUC, so that a model cannot score from the classes' different
     compression histories (the trap in ``gan_faces``).
     """
-    resize = eval_transform(size)
-
-    def apply(image: np.ndarray) -> np.ndarray:
-        return jpeg_reencode(resize(image=image)["image"], jpeg_quality)
-
-    return apply
+    return A.Compose([*eval_transform(size).transforms, A.Lambda(image=partial(jpeg_reencode, quality=jpeg_quality))])

