@@ -104,3 +104,17 @@ def test_wrong_tensor_shapes_are_refused(saved, tmp_path):
 def test_not_a_weights_folder(tmp_path):
     with pytest.raises(WeightsError, match="no manifest"):
         load_ensemble(tmp_path)
+
+
+def test_merge_runs_into_one_ensemble(tmp_path):
+    from train.merge import main as merge_main
+
+    torch.manual_seed(0)
+    a = save_ensemble({"eff": create_expert("test_efficientnet")}, tmp_path / "a", metadata={"training": {"run": "a"}})
+    b = save_ensemble({"cnx": create_expert("test_convnext")}, tmp_path / "b", metadata={"training": {"run": "b"}})
+    assert merge_main([str(a), str(b), "--out", str(tmp_path / "m"), "--weight", "3", "1"]) == 0
+    merged = load_ensemble(tmp_path / "m")
+    assert merged.names == ["eff", "cnx"] and merged.weights.tolist() == [0.75, 0.25]
+    assert [r["training"]["run"] for r in read_manifest(tmp_path / "m")["merged_from"]] == ["a", "b"]
+    assert merge_main([str(a), str(a), "--out", str(tmp_path / "m2")]) == 2  # the key "eff" twice
+    assert merge_main([str(a), "--out", str(tmp_path / "m")]) == 2  # exists, no --overwrite
