@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
+    p.add_argument("--crop-faces", action="store_true",
+                   help="score a square crop around the largest face (YuNet) instead of the whole image")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     show_bar = not args.quiet and (bool(args.submission) or len(items) > 1)
     scores, failed = [], 0
     for score in score_images(ensemble, [p for _, p in items], [n for n, _ in items], args.batch_size,
-                              args.workers, device, progress=show_bar):
+                              args.workers, device, progress=show_bar, crop_faces=args.crop_faces):
         if score.error:
             failed += 1
             tqdm.write(f"error: {score.error}", file=sys.stderr)

@@ -5,7 +5,7 @@ images, and the consumer (training or scoring) decides what to do with it.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import albumentations as A
 import numpy as np
@@ -27,18 +27,21 @@ class ImageDataset(Dataset):
         paths: Image file paths.
         transforms: One albumentations pipeline per input size.
         targets: Labels (0 real, 1 fake); -1 where unknown.
+        preprocess: Applied to every decoded image before the transforms (e.g. face cropping).
         seed: When given, item ``i`` of epoch ``e`` is augmented with a seed derived from (seed, e, i), so a
             run is reproducible whatever the number of loader workers. Set :attr:`epoch` before each epoch.
     """
 
     def __init__(self, paths: Sequence[str], transforms: Mapping[int, A.Compose],
-                 targets: Sequence[int] | None = None, seed: int | None = None):
+                 targets: Sequence[int] | None = None, seed: int | None = None,
+                 preprocess: Callable[[np.ndarray], np.ndarray] | None = None):
         self.paths = list(paths)
         self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
         if len(self.targets) != len(self.paths):
             raise ValueError(f"{len(self.paths)} paths but {len(self.targets)} targets")
         self.transforms = dict(transforms)
         self.seed = seed
+        self.preprocess = preprocess
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -48,6 +51,8 @@ class ImageDataset(Dataset):
         item = {"index": index, "target": self.targets[index], "error": ""}
         try:
             image = load_image(self.paths[index])
+            if self.preprocess is not None:
+                image = self.preprocess(image)
         except ImageLoadError as e:
             item["error"] = str(e)
             item["images"] = {s: torch.zeros(3, s, s) for s in self.transforms}

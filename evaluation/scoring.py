@@ -6,6 +6,7 @@ reported numbers come from exactly the code users run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data_prep.dataset import ImageDataset
+from data_prep.faces import crop_face
 from data_prep.transforms import eval_transform
 from experts import Ensemble
 
@@ -28,14 +30,18 @@ class Score:
 
 def score_images(ensemble: Ensemble, paths: Sequence[str], names: Sequence[str] | None = None,
                  batch_size: int = 32, workers: int = 0, device: str | torch.device = "cpu",
-                 progress: bool = True, transform: Callable[[int], Callable] = eval_transform) -> Iterator[Score]:
+                 progress: bool = True, transform: Callable[[int], Callable] = eval_transform,
+                 crop_faces: bool = False) -> Iterator[Score]:
     """Yield a :class:`Score` per image, in input order; unreadable images carry ``error`` and NaN scores.
 
-    ``transform(size)`` builds the preprocessing for each input size the experts need.
+    ``transform(size)`` builds the preprocessing for each input size the experts need. ``crop_faces``
+    first cuts a square around the largest face (YuNet; the centre square where none is found), the
+    face-centred input the original solution expected.
     """
     names = list(names) if names is not None else list(paths)
     device = torch.device(device)
-    dataset = ImageDataset(paths, {s: transform(s) for s in ensemble.input_sizes})
+    preprocess = partial(face_crop_only, size=max(ensemble.input_sizes)) if crop_faces else None
+    dataset = ImageDataset(paths, {s: transform(s) for s in ensemble.input_sizes}, preprocess=preprocess)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False))
     with tqdm(total=len(dataset), desc="scoring", unit="img", disable=not progress, dynamic_ncols=True) as bar:
@@ -50,3 +56,8 @@ def score_images(ensemble: Ensemble, paths: Sequence[str], names: Sequence[str] 
             for j, index in enumerate(batch["index"].tolist()):
                 yield Score(names[index], float(combined[j]), probs[j], batch["error"][j])
             bar.update(len(ok))
+
+
+def face_crop_only(image: np.ndarray, size: int) -> np.ndarray:
+    """The face crop of :func:`data_prep.faces.crop_face`, without its warning (scoring goes on)."""
+    return crop_face(image, size=size, warn=False)[0]

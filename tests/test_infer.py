@@ -91,3 +91,19 @@ def test_default_model_reproduces_the_demo_scores():
     got = dict(reversed(line.split("\t")) for line in result.stdout.strip().splitlines())
     for name, score in zip(expected["img_name"], expected["y_pred"]):
         assert float(got[f"demo/{name}"]) == pytest.approx(score, abs=1e-4), name
+
+
+def test_crop_faces_scores_the_face_crop(tiny_weights, tmp_path, capsys):
+    pytest.importorskip("yuface")
+    from PIL import Image
+
+    # A face in a corner of a larger canvas: the crop differs from the whole image.
+    canvas = Image.new("RGB", (2400, 1600), (90, 90, 90))
+    canvas.paste(Image.open(ROOT / "demo" / "gan_real_1.jpg"), (1300, 500))
+    image = str(tmp_path / "scene.jpg")
+    canvas.save(image)
+    assert infer.main([image, "--weights", str(tiny_weights), "--quiet"]) == 0
+    whole = float(capsys.readouterr().out.split("\t")[0])
+    assert infer.main([image, "--weights", str(tiny_weights), "--quiet", "--crop-faces"]) == 0
+    cropped = float(capsys.readouterr().out.split("\t")[0])
+    assert 0.0 <= cropped <= 1.0 and cropped != whole
