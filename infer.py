@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from data_prep.images import is_image_file
 from data_prep.labels import LabelsError, read_labels
 from evaluation.scoring import Score, score_images
 from experts import WeightsError, load_ensemble
+from experts.device import DeviceError, resolve_device
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -88,14 +88,6 @@ def write_submission(scores: Sequence[Score], out: str | Path, expert_names: Seq
     return out
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SourceError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", help="image files, folders, CSV lists (img_name column) or glob patterns")
@@ -149,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (SourceError, WeightsError) as e:
+    except (SourceError, WeightsError, DeviceError) as e:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)

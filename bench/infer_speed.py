@@ -32,8 +32,8 @@ def sample_images(n: int) -> list[str]:
 def measure(weights: str, batch_size: int, n_images: int, device: str, queue: mp.Queue) -> None:
     import torch
 
-    from experts import load_ensemble
     from evaluation.scoring import score_images
+    from experts import load_ensemble
 
     ensemble = load_ensemble(weights, device)
     paths = sample_images(n_images)

@@ -50,8 +50,9 @@ with warnings.catch_warnings():  # torch_kmeans 0.2 uses torch.jit.script, which
     warnings.simplefilter("ignore", FutureWarning)
     from torch_kmeans import KMeans
 
-from data_prep.features import Embeddings, embed_images, resolve_device
+from data_prep.features import Embeddings, embed_images
 from data_prep.labels import LabelsError, read_labels
+from experts.device import resolve_device
 
 __all__ = ["embed_images", "load_rows", "cluster_features", "assign_folds", "cluster_table", "write_splits",
            "plot_clusters", "main"]

@@ -31,6 +31,8 @@ from safetensors.numpy import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from experts.device import resolve_device
+
 from .dataset import ImageDataset
 from .images import ImageLoadError
 from .transforms import eval_transform
@@ -164,13 +166,6 @@ class FeatureCache:
         for row, h in enumerate(hashes):
             self._where[h] = (path, row)
         return path
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: the GPU when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.inference_mode()

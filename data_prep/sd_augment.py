@@ -67,6 +67,7 @@ from data_prep.faces import has_detector, largest_face, read_image_list, write_c
 from data_prep.images import ImageLoadError, load_image
 from data_prep.labels import LabelsError
 from data_prep.transforms import eval_transform
+from experts.device import DeviceError, resolve_device
 
 MODES = ("img2img", "inpaint")
 MASK_KINDS = ("face", "ellipse", "box")
@@ -262,13 +263,11 @@ def paste_back(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) ->
 # Pipelines
 
 
-def resolve_device(name: str) -> torch.device:
-    # Copied from infer.resolve_device (importing infer would load the detector's stack)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AugmentError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+def _device(name: str) -> torch.device:
+    try:
+        return resolve_device(name)
+    except DeviceError as e:
+        raise AugmentError(f"--device: {e}") from None
 
 
 def load_pipelines(cfg: AugmentConfig, device: torch.device) -> dict[str, Any]:
@@ -425,7 +424,7 @@ def augment(source: str | Path, out_dir: str | Path, cfg: AugmentConfig, pipes: 
     try:
         if todo:
             if pipes is None:
-                pipes = load_pipelines(cfg, resolve_device(cfg.device))
+                pipes = load_pipelines(cfg, _device(cfg.device))
             _run_jobs(todo, pipes, out_dir, cfg, summary, len(jobs), progress)
     finally:  # an interrupted run still leaves labels.csv listing everything written so far
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,8 @@ import shlex
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +45,7 @@ from data_prep.transforms import shortcut_free_eval_transform, train_transform
 from evaluation.metrics import detection_metrics
 from evaluation.scoring import score_images
 from experts import Ensemble, Expert, create_expert, save_ensemble
+from experts.device import DeviceError, resolve_device
 from train.config import TrainConfig, load_config
 
 CHECKPOINT = "checkpoint.pt"
@@ -139,14 +140,6 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: device {name!r} asked for, but CUDA is not available")
-    return torch.device(name)
 
 
 # ------------------------------------------------------------------------------------- train and eval
@@ -255,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except DeviceError as e:
+        raise SystemExit(f"error: {e}") from None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp else nullcontext())
 
     splits = build_splits(cfg)
