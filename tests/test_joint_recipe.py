@@ -1,0 +1,179 @@
+"""The full joint recipe on tiny experts: every loss, LIB and LN-tuning, cluster folds, accumulation,
+early stopping, resume after a kill, and two-process DDP (gloo on CPU)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import infer
+from experts import load_ensemble, read_manifest
+from tests.conftest import ROOT, write_labelled_set
+from train import joint
+from train.data import build_splits
+from train.config import TrainConfig
+
+ALL_LOSSES = {"ce": 1.0, "kl_noise": 0.5, "kl_mutual": 0.5, "nce": 0.1, "lib_global": 1.0, "lib_local": 0.5}
+THREE_FAMILIES = [
+    {"name": "test_efficientnet", "key": "eff"},
+    {"name": "test_convnext", "key": "cnx"},
+    {"name": "test_clip", "key": "clip", "head": "lib", "lib_blocks": 3, "lib_dim": 16, "tuning": "layernorm",
+     "normalize_features": True},
+]
+
+
+@pytest.fixture
+def set32(tmp_path):
+    return write_labelled_set(tmp_path / "set32", n=32)
+
+
+def write_config(tmp_path, name, **options):
+    config = {"experts": THREE_FAMILIES, "val_fraction": 0.5, "epochs": 1, "batch_size": 4, "steps_per_epoch": 2,
+              "warmup_steps": 1, "workers": 0, "out_dir": str(tmp_path / name), "checkpoint_every": 1,
+              "tensorboard": False, "log_every": 1, **options}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_every_loss_trains_resumes_and_gives_weights_infer_loads(tmp_path, set32, capsys):
+    config = write_config(tmp_path, "all", train=[{"csv": str(set32)}], loss_weights=ALL_LOSSES, tensorboard=True)
+    joint.main([str(config)])
+    log = pd.read_csv(tmp_path / "all" / "train_log.csv")
+    for key in ("eff", "cnx", "clip"):
+        for loss in ("ce", "kl_noise", "kl_mutual", "nce"):
+            assert np.isfinite(log[f"{key}/{loss}"]).all()
+    assert np.isfinite(log["clip/lib_global"]).all() and np.isfinite(log["clip/lib_local"]).all()
+    assert "eff/lib_global" not in log  # LIB losses only for the expert with a LIB head
+    assert list((tmp_path / "all" / "tensorboard").iterdir())
+
+    joint.main([str(config), "--epochs=2"])
+    assert "resumed from" in capsys.readouterr().out
+    assert torch.load(tmp_path / "all" / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert list(pd.read_csv(tmp_path / "all" / "log.csv")["epoch"]) == [1, 2]
+
+    weights = tmp_path / "all" / "weights"
+    ensemble = load_ensemble(weights)
+    assert ensemble.names == ["eff", "cnx", "clip"]
+    assert read_manifest(weights)["experts"][2]["name"] == "test_clip"
+    image = str(set32.parent / "images" / "000.jpg")
+    assert infer.main([image, "--weights", str(weights), "--quiet"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert 0.0 <= float(line.split("\t")[0]) <= 1.0
+
+
+def test_layernorm_tuning_changes_only_layernorms_and_the_head(tmp_path, set32):
+    spec = THREE_FAMILIES[2]
+    config = write_config(tmp_path, "ln", train=[{"csv": str(set32)}], experts=[spec], lr=0.05, ema_decay=0.0)
+    joint.main([str(config)])
+    torch.manual_seed(0)  # the run's seed: the same initial weights
+    initial = joint.create_expert("test_clip", **{k: v for k, v in spec.items() if k not in ("name", "key")}).state_dict()
+    trained = load_file(str(tmp_path / "ln" / "weights" / "clip" / "model.safetensors"))
+    changed = {k for k, v in trained.items() if not torch.allclose(v.float(), initial[k], atol=2e-3)}
+    assert changed, "training changed nothing"
+    layernorms = {f"{n}.{p}" for n, m in joint.create_expert("test_clip").named_modules()
+                  if isinstance(m, torch.nn.LayerNorm) for p in ("weight", "bias")}
+    assert changed - layernorms and all(k in layernorms or k.startswith("head.") for k in changed), sorted(changed)
+    assert changed & layernorms
+
+
+def test_uncertainty_weighting_and_gradient_accumulation(tmp_path, set32):
+    config = write_config(tmp_path, "unc", train=[{"csv": str(set32)}], experts=THREE_FAMILIES[:2],
+                          loss_weights={"ce": 1.0, "kl_mutual": 1.0}, loss_weighting="uncertainty", accum_steps=2,
+                          batch_size=2)
+    joint.main([str(config)])
+    log = pd.read_csv(tmp_path / "unc" / "train_log.csv")
+    assert {"weight/eff/ce", "weight/cnx/kl_mutual"} <= set(log.columns)
+    state = torch.load(tmp_path / "unc" / "checkpoint.pt", weights_only=True)
+    learned = [v for k, v in state["objective"].items() if k.startswith("weighting.")]
+    assert learned and any(float(t.abs().sum()) > 0 for t in learned)  # the log-variances moved
+
+
+def write_fold_splits(csv_path, out):
+    """A splits.csv as data_prep/cluster.py writes it: two clusters by image number, groups kept whole."""
+    df = pd.read_csv(csv_path)
+    df["path"] = [str(csv_path.parent / n) for n in df["img_name"]]
+    df["cluster"] = [int(int(n[7:10]) >= 16) for n in df["img_name"]]
+    for f in (0, 1):
+        df[f"fold_{f}"] = np.where(df["cluster"] == f, "val", "train")
+    df.to_csv(out, index=False)
+    return out
+
+
+def test_cluster_folds_give_each_expert_its_own_training_rows(tmp_path, set32):
+    splits_csv = write_fold_splits(set32, tmp_path / "splits.csv")
+    experts = [{"name": "test_efficientnet", "key": "a", "fold": 0}, {"name": "test_convnext", "key": "b", "fold": 1}]
+    cfg = TrainConfig(experts=experts, splits=str(splits_csv))
+    splits = build_splits(cfg)
+    rows = pd.read_csv(splits_csv)
+    assert len(splits.pool) == 32
+    assert splits.masks["a"].sum() == 16 and splits.masks["b"].sum() == 16
+    assert not (splits.masks["a"] & splits.masks["b"]).any()
+    assert set(splits.val) == {"fold_0", "fold_1"} and splits.val_experts == {"fold_0": ["a"], "fold_1": ["b"]}
+    assert set(splits.val["fold_0"]["img_name"]) == set(rows.loc[rows["cluster"] == 0, "img_name"])
+
+    config = write_config(tmp_path, "folds", splits=str(splits_csv), experts=experts, loss_weights=ALL_LOSSES)
+    results = joint.main([str(config)])
+    assert set(results) == {"fold_0/a", "fold_0/ensemble", "fold_1/b", "fold_1/ensemble"}
+    assert "leave-one-cluster-out" in read_manifest(tmp_path / "folds" / "weights")["training"]["validation"]
+
+
+def test_early_stopping_with_patience(tmp_path, set32, capsys):
+    config = write_config(tmp_path, "stop", train=[{"csv": str(set32)}], experts=THREE_FAMILIES[:1], epochs=5,
+                          lr=0.0, patience=1)
+    joint.main([str(config)])
+    out = capsys.readouterr().out
+    assert "early stop" in out
+    assert len(pd.read_csv(tmp_path / "stop" / "log.csv")) == 2
+
+
+def _run(config, *extra, env=None):
+    return subprocess.Popen([sys.executable, "train/joint.py", str(config), *extra], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, set32):
+    options = dict(train=[{"csv": str(set32)}], experts=THREE_FAMILIES[:1], loss_weights={"ce": 1.0, "kl_noise": 1.0},
+                   epochs=2, steps_per_epoch=4, batch_size=2)
+    whole = write_config(tmp_path, "whole", **options)
+    assert _run(whole).wait(timeout=300) == 0
+
+    killed = write_config(tmp_path, "killed", **options)
+    proc = _run(killed)
+    log = tmp_path / "killed" / "train_log.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.exists() or len(pd.read_csv(log)) < 3):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < 8, "the kill should land mid-run"
+    resumed = _run(killed)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert f"resumed from" in output
+    a = load_file(str(tmp_path / "whole" / "weights" / "eff" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "weights" / "eff" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list(pd.read_csv(log)["step"]) == sorted(set(pd.read_csv(log)["step"]))  # no step logged twice
+
+
+def test_two_process_ddp_on_cpu(tmp_path, set32):
+    config = write_config(tmp_path, "ddp", train=[{"csv": str(set32)}], experts=THREE_FAMILIES[:2],
+                          loss_weights={"ce": 1.0, "kl_mutual": 0.5, "nce": 0.1}, batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                           "train/joint.py", str(config), "--device=cpu"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    assert load_ensemble(tmp_path / "ddp" / "weights").names == ["eff", "cnx"]

@@ -1,0 +1,165 @@
+"""What each expert trains and validates on, and the order batches come in.
+
+Two ways to split, chosen by the config:
+
+* **group split** (no ``splits``): each training CSV is split by ``group`` into train and validation parts;
+  every expert trains on all the train parts.
+* **cluster folds** (``splits: OUT/splits.csv`` from ``data_prep/cluster.py``): expert *e* trains on the
+  rows whose ``fold_<f_e>`` column says ``train`` and is validated on cluster ``f_e``, the kind of image
+  it never saw. Experts on different folds still share batches (one data pipeline); a row counts in the
+  losses of only the experts that train on it, through a per-expert mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Sampler
+
+from data_prep.labels import LabelsError, read_labels, split_by_group
+from train.config import TrainConfig
+
+BALANCE_MODES = ("none", "class", "source_class")
+
+
+@dataclass
+class Splits:
+    """The training pool, which expert trains on which row, and the validation sets.
+
+    Attributes:
+        pool: Every row some expert trains on (``path``, ``target``, ``source``, ...), repeated per ``repeat``.
+        masks: Expert key -> boolean array over ``pool``: the rows in that expert's losses.
+        val: Validation set name -> rows.
+        val_experts: Validation set name -> the experts it is held out for (an expert is only measured on
+            data it never trained on; ``None``: every expert).
+    """
+
+    pool: pd.DataFrame
+    masks: dict[str, np.ndarray]
+    val: dict[str, pd.DataFrame]
+    val_experts: dict[str, list[str] | None]
+
+
+def expert_key(spec: dict) -> str:
+    return spec.get("key", spec["name"])
+
+
+def build_splits(cfg: TrainConfig) -> Splits:
+    """The pool, masks and validation sets of the config (cluster folds when ``splits`` is set)."""
+    splits = _fold_splits(cfg) if cfg.splits else _group_splits(cfg)
+    for entry in cfg.val_extra:
+        path = entry if isinstance(entry, str) else entry["csv"]
+        name = set_name(path)
+        splits.val[name] = _read(path)
+        splits.val_experts[name] = None
+    if cfg.max_val_images:
+        splits.val = {k: v.sample(n=min(len(v), cfg.max_val_images), random_state=cfg.seed).reset_index(drop=True)
+                      for k, v in splits.val.items()}
+    return splits
+
+
+def _group_splits(cfg: TrainConfig) -> Splits:
+    if not cfg.train:
+        raise SystemExit("error: no training data; set `train: [{csv: path/to/labels.csv}]` (or `splits:`) in the config")
+    parts, val = [], {}
+    for entry in cfg.train:
+        entry = {"csv": entry} if isinstance(entry, str) else entry
+        train_df, val_df = split_by_group(_read(entry["csv"]), cfg.val_fraction)
+        parts.extend([train_df] * int(entry.get("repeat", 1)))
+        val[set_name(entry["csv"])] = val_df
+    pool = pd.concat(parts, ignore_index=True)
+    keys = [expert_key(s) for s in cfg.experts]
+    return Splits(pool, {k: np.ones(len(pool), bool) for k in keys}, val, {k: None for k in val})
+
+
+def expert_folds(cfg: TrainConfig, k: int) -> dict[str, int]:
+    """Each expert's fold: its ``fold`` entry, else the experts take folds 0, 1, 2, ... in order."""
+    folds = {}
+    for i, spec in enumerate(cfg.experts):
+        fold = int(spec.get("fold", i % k))
+        if not 0 <= fold < k:
+            raise SystemExit(f"error: expert {expert_key(spec)!r}: fold {fold} is not in 0..{k - 1} ({cfg.splits})")
+        folds[expert_key(spec)] = fold
+    return folds
+
+
+def _fold_splits(cfg: TrainConfig) -> Splits:
+    path = Path(cfg.splits)
+    if not path.is_file():
+        raise SystemExit(f"error: splits file not found: {path} (write it with `python data_prep/cluster.py`)")
+    rows = pd.read_csv(path, dtype={"img_name": str, "group": str, "source": str}, keep_default_na=False)
+    fold_cols = sorted((c for c in rows.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
+    missing = {"path", "target"} - set(rows.columns)
+    if missing or not fold_cols:
+        raise SystemExit(f"error: {path}: not a splits file of data_prep/cluster.py "
+                         f"(missing {sorted(missing) or 'fold_* columns'})")
+    folds = expert_folds(cfg, len(fold_cols))
+    trains = {key: (rows[f"fold_{f}"] == "train").to_numpy() for key, f in folds.items()}
+    used = np.logical_or.reduce(list(trains.values()))
+    pool = rows[used].reset_index(drop=True)
+    masks = {key: m[used] for key, m in trains.items()}
+    val, val_experts = {}, {}
+    for f in sorted(set(folds.values())):
+        name = f"fold_{f}"
+        val[name] = rows[rows[name] == "val"].reset_index(drop=True)
+        val_experts[name] = [key for key, kf in folds.items() if kf == f]
+    return Splits(pool, masks, val, val_experts)
+
+
+def _read(csv_path: str) -> pd.DataFrame:
+    try:
+        return read_labels(csv_path)
+    except LabelsError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def set_name(csv_path: str) -> str:
+    """A validation set's name: the folder of its labels CSV (``dfdc_faces``)."""
+    return Path(csv_path).resolve().parent.name
+
+
+def sampling_weights(pool: pd.DataFrame, mode: str) -> np.ndarray | None:
+    """Per-row sampling weights that give every class (or every source x class cell) equal mass.
+
+    Without balancing a 13:1 real:fake set teaches the head the prior more than the evidence; with it every
+    batch holds both classes in about equal numbers. ``None`` for ``mode="none"``: a plain permutation.
+    """
+    if mode not in BALANCE_MODES:
+        raise SystemExit(f"error: balance must be one of {BALANCE_MODES}, got {mode!r}")
+    if mode == "none":
+        return None
+    cells = pool["target"].astype(str) if mode == "class" else pool["source"].astype(str) + "/" + pool["target"].astype(str)
+    counts = cells.map(cells.value_counts())
+    return (1.0 / counts).to_numpy(dtype=np.float64)
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh, seeded order per epoch that can start mid-epoch (resume) and be sharded (DDP).
+
+    The order depends only on (seed, epoch): a permutation, or with ``weights`` a draw with replacement in
+    proportion to them (class-balanced sampling). Rank ``r`` of ``world`` processes takes every
+    ``world``-th index from ``r``, so the ranks see disjoint parts of one epoch.
+    """
+
+    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+        self.epoch, self.start = 0, 0
+
+    def epoch_order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        return order[self.rank::self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.epoch_order()[self.start:].tolist()
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world)) - self.start

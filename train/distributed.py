@@ -1,0 +1,70 @@
+"""Multi-GPU and multi-node training through ``torchrun`` (DistributedDataParallel).
+
+    torchrun --nproc_per_node=4 train/joint.py CONFIG                 # one machine, 4 GPUs
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train/joint.py CONFIG
+
+torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them training runs in one process.
+Each process takes every ``world``-th sample of an epoch; gradients are averaged by DDP. Rank 0 alone
+validates, logs and writes checkpoints and weights while the others wait at a barrier. On CPU the gloo
+backend is used (how the tests run two processes without a GPU).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group torchrun describes in the environment (no-op when run directly)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank)
+
+
+def process_device(device: torch.device, d: Dist) -> torch.device:
+    """This process's GPU under torchrun (``cuda:LOCAL_RANK``); the CPU stays the CPU."""
+    return torch.device("cuda", d.local_rank) if device.type == "cuda" and d.enabled else device
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def broadcast(value: Any, d: Dist) -> Any:
+    """Rank 0's ``value`` on every rank (e.g. the decision to stop early)."""
+    if not d.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
