@@ -11,8 +11,10 @@ generalises to a kind of image it has not seen.
 
 Steps: every image is embedded (``data_prep/features.py``: L2-normalised backbone features, cached by file
 content under ``OUT/feature_cache/`` so a re-run only embeds new images), clustered with k-means
-(torch_kmeans, k-means++ init, seeded, on the GPU when there is one) and given folds. Unreadable images are
-reported on stderr and left out of the splits.
+(torch_kmeans, k-means++ init, seeded, on the GPU when there is one) and given folds. Bad labels rows
+(target not 0 or 1, a repeated or empty name) and unreadable images are reported on stderr, one line each,
+and left out of the splits; the exit status is then 1. ``--strict`` stops at them instead (exit 2, no
+outputs; images are only found unreadable while embedding, so the readable ones are cached by then).
 
 Groups stay whole: images that share a ``group`` (a DFDC fake and the real video it was made from) must
 never sit on both sides of a fold, so a group whose images fall into several clusters is assigned wholly to
@@ -51,6 +53,7 @@ with warnings.catch_warnings():  # torch_kmeans 0.2 uses torch.jit.script, which
     from torch_kmeans import KMeans
 
 from data_prep.features import Embeddings, embed_images
+from data_prep.index import index_csv
 from data_prep.labels import LabelsError, read_labels
 from experts.device import resolve_device
 
@@ -62,22 +65,34 @@ BASE_COLUMNS = ["img_name", "target", "group", "source", "path"]
 
 
 # ------------------------------------------------------------------------------------------------- rows
-def load_rows(csv_paths: Sequence[str | Path]) -> pd.DataFrame:
+def load_rows(csv_paths: Sequence[str | Path], problems: list[str] | None = None) -> pd.DataFrame:
     """All rows of the labels CSVs (see :func:`data_prep.labels.read_labels`), plus ``labels_csv``.
 
     ``labels_csv`` (the CSV's resolved path) tells the sets apart, so groups are never merged across sets.
+
+    A bad row (a target other than 0 or 1, an empty or repeated ``img_name``, an image already listed by an
+    earlier CSV) raises :class:`LabelsError` naming it; given a ``problems`` list, every bad row is left out
+    instead and one line per row is appended to it. A CSV that cannot be used at all always raises.
     """
     frames = []
     for csv_path in csv_paths:
-        df = read_labels(csv_path)
+        if problems is None:
+            df = read_labels(csv_path)
+        else:
+            df, bad = index_csv(Path(csv_path), on_error="skip")  # read_labels' checks, row by row
+            df = df.drop(columns="csv_row")
+            problems.extend(str(p) for p in bad)
         df["labels_csv"] = str(Path(csv_path).resolve())
         frames.append(df)
     rows = pd.concat(frames, ignore_index=True)
     twice = rows["path"].duplicated()
-    if twice.any():
+    if twice.any() and problems is None:
         raise LabelsError(f"{rows.at[twice.idxmax(), 'path']}: image listed in more than one labels CSV "
                           f"({', '.join(rows.loc[rows['path'] == rows.at[twice.idxmax(), 'path'], 'labels_csv'])})")
-    return rows
+    for i in np.flatnonzero(twice.to_numpy()):
+        problems.append(f"{rows.at[i, 'labels_csv']}: {rows.at[i, 'img_name']}: image already listed in "
+                        f"{rows.loc[rows['path'] == rows.at[i, 'path'], 'labels_csv'].iloc[0]}")
+    return rows[~twice.to_numpy()].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------------ k-means
@@ -335,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT/feature_cache)")
     p.add_argument("--no-cache", action="store_true", help="embed everything, read and write no cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--strict", action="store_true",
+                   help="stop (exit 2, nothing written) on a bad labels row or an unreadable image, instead of "
+                        "reporting it, leaving it out and exiting 1 at the end")
     return p
 
 
@@ -344,16 +362,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from experts import create_expert  # heavy (timm, transformers): only once the arguments are fine
 
+    problems: list[str] | None = None if args.strict else []
     try:
-        rows = load_rows(args.csvs)
+        rows = load_rows(args.csvs, problems)
     except LabelsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{' (--strict)' if args.strict else ''}", file=sys.stderr)
         return 2
+    for problem in problems or []:
+        print(f"error: {problem} (skipped)", file=sys.stderr)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)  # a randomly initialised backbone is then the same in every run (cacheable)
     expert = create_expert(args.backbone, pretrained=parse_pretrained(args.pretrained, args.backbone))
     cache_dir = None if args.no_cache else (args.cache_dir or args.out / "feature_cache")
-    print(f"{len(rows)} images from {len(args.csvs)} labels CSV(s); backbone {args.backbone} "
+    print(f"{len(rows)} images from {len(args.csvs)} labels CSV(s)"
+          f"{f' ({len(problems)} bad row(s) left out)' if problems else ''}; backbone {args.backbone} "
           f"({expert.config.input_size} px, {expert.num_features}-d features); device {device}; "
           f"torch threads {torch.get_num_threads()}")
 
@@ -364,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     duplicates = len(emb.sha1) - len(set(emb.sha1))
     print(f"features: {emb.n_embedded} embedded, {emb.n_cached} from the cache, {len(emb.errors)} unreadable "
           f"(left out), {duplicates} byte-identical duplicate(s) (kept with their twin) in {t_embed:.1f} s")
+    if args.strict and emb.errors:
+        print(f"error: {len(emb.errors)} unreadable image(s) (--strict): nothing written", file=sys.stderr)
+        return 2
     rows = rows[emb.ok].reset_index(drop=True)
 
     t0 = time.perf_counter()
@@ -389,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if replaced:
         print(f"replaced the previous {', '.join(replaced)}")
     print(f"Results saved to {args.out}: {', '.join(p.name for p in outputs)}")
-    return 1 if emb.errors else 0
+    return 1 if emb.errors or problems else 0
 
 
 if __name__ == "__main__":

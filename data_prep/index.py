@@ -81,7 +81,7 @@ def load_index(source: str | Path, on_error: Literal["skip", "raise"] = "skip",
     if source.is_dir():
         df, problems = _index_folder(source, on_error)
     else:
-        df, problems = _index_csv(source, on_error)
+        df, problems = index_csv(source, on_error)
     csv_file = None if source.is_dir() else str(source)
     bad_rows, file_problems = _check_files(df, check_images, on_error, csv_file)
     problems += file_problems
@@ -91,7 +91,7 @@ def load_index(source: str | Path, on_error: Literal["skip", "raise"] = "skip",
     return df, problems
 
 
-def _index_csv(csv_path: Path, on_error: str) -> tuple[pd.DataFrame, list[Problem]]:
+def index_csv(csv_path: Path, on_error: str) -> tuple[pd.DataFrame, list[Problem]]:
     """Rows of a labels CSV; read_labels checks it whole, and on a bad row we find every bad row."""
     try:
         df = read_labels(csv_path)

@@ -14,6 +14,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from data_prep.cluster import assign_folds, cluster_features, cluster_table, load_rows, main, write_splits
 from data_prep.features import embed_images
+from data_prep.labels import LabelsError
 from experts import create_expert
 from tests.conftest import ROOT, write_labelled_set
 
@@ -193,6 +194,30 @@ def test_cli_skips_an_unreadable_image_and_exits_1(two_sets, tmp_path, capsys):
     splits = pd.read_csv(out / "splits.csv")
     assert len(splits) == 23 and not splits["path"].str.endswith("a/images/003.jpg").any()
     assert not (out / "feature_cache").exists()
+
+
+def test_cli_skips_bad_rows_and_stops_on_them_with_strict(two_sets, tmp_path, capsys):
+    text = two_sets[0].read_text().replace("images/005.jpg,1,", "images/005.jpg,2,")
+    two_sets[0].write_text(text + "missing.jpg,0,gm\n")
+    with open(two_sets[1], "a") as f:  # an image of the first set listed again by the second
+        f.write(f"{two_sets[0].parent / 'images' / '000.jpg'},0,gx\n")
+    out = tmp_path / "out"
+    argv = [*map(str, two_sets), "--out", str(out), "--k", "2", "--backbone", "test_efficientnet",
+            "--workers", "0", "--device", "cpu", "--quiet", "--no-cache"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "row 7: images/005.jpg: target '2'" in err and "missing.jpg: file not found" in err
+    assert "000.jpg: image already listed in" in err
+    splits = pd.read_csv(out / "splits.csv")
+    assert len(splits) == 23 and str(two_sets[0].parent / "images" / "005.jpg") not in set(splits["path"])
+    assert main([*argv, "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert "target '2'" in capsys.readouterr().err and not (tmp_path / "strict").exists()
+    with pytest.raises(LabelsError, match="row 7"):  # the library default: a bad row is an error
+        load_rows([two_sets[0]])
+    two_sets[0].write_text(two_sets[0].read_text().replace("images/005.jpg,2,", "images/005.jpg,1,"))
+    assert main([argv[0], *argv[2:], "--out", str(tmp_path / "strict"), "--strict"]) == 2  # set a: now only missing.jpg
+    assert "1 unreadable image(s) (--strict): nothing written" in capsys.readouterr().err
+    assert not (tmp_path / "strict").exists()
 
 
 def test_cli_runs_as_a_script_from_the_repo_root(labelled_csv, tmp_path):
