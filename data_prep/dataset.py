@@ -14,10 +14,27 @@ from torch.utils.data import Dataset
 
 from .images import ImageLoadError, load_image
 
+# The longer side is cut (centred) to at most this many times the shorter one before the transforms: a
+# shorter-side resize would turn a 1x60000 strip (a tiny PNG) into 224x13,440,000 pixels, about 9 GB and
+# a minute of CPU. Photos and panoramas stay below it, and the centre square that scoring uses is kept.
+MAX_ASPECT = 16
+
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """``[H, W, 3]`` uint8 -> ``[3, H, W]`` float in [0, 1]."""
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
+
+
+def limit_aspect(image: np.ndarray, max_aspect: int = MAX_ASPECT) -> np.ndarray:
+    """Centre-crop the longer side of ``[H, W, C]`` to at most ``max_aspect`` times the shorter one."""
+    height, width = image.shape[:2]
+    if width > max_aspect * height:
+        left = (width - max_aspect * height) // 2
+        return image[:, left:left + max_aspect * height]
+    if height > max_aspect * width:
+        top = (height - max_aspect * width) // 2
+        return image[top:top + max_aspect * width]
+    return image
 
 
 class ImageDataset(Dataset):
@@ -50,7 +67,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = {"index": index, "target": self.targets[index], "error": ""}
         try:
-            image = load_image(self.paths[index])
+            image = limit_aspect(load_image(self.paths[index]))
             if self.preprocess is not None:
                 image = self.preprocess(image)
         except ImageLoadError as e:

@@ -26,11 +26,14 @@ def read_labels(csv_path: str | Path, require_target: bool = True) -> pd.DataFra
     if not csv_path.is_file():
         raise LabelsError(f"{csv_path}: labels file not found")
     try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
+        # utf-8-sig: spreadsheet programs start CSVs with a byte-order mark, which would hide "img_name".
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise LabelsError(f"{csv_path}: file is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise LabelsError(f"{csv_path}: not a readable CSV ({e})") from None
+        raise LabelsError(f"{csv_path}: not a readable CSV ({' '.join(str(e).split())})") from None
+    except OSError as e:
+        raise LabelsError(f"{csv_path}: cannot read ({e.strerror or e})") from None
     df.columns = [c.strip() for c in df.columns]
     required = ["img_name", "target"] if require_target else ["img_name"]
     missing = [c for c in required if c not in df.columns]

@@ -123,20 +123,26 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Parse and check a manifest; refuses unknown format versions and missing fields."""
+    """Parse and check a manifest; refuses unknown format versions and missing or malformed fields."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise WeightsError(f"{path}: no manifest; is {folder} a weights folder written by save_ensemble?")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from e
+    if not isinstance(manifest, dict):
+        raise WeightsError(f"{path}: not a manifest (a JSON {type(manifest).__name__}, not an object)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise WeightsError(f"{path}: format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
-    if not manifest.get("experts"):
+    if not manifest.get("experts") or not isinstance(manifest["experts"], list):
         raise WeightsError(f"{path}: lists no experts")
     for i, entry in enumerate(manifest["experts"]):
+        if not isinstance(entry, dict):
+            raise WeightsError(f"{path}: expert #{i} is not an object")
         missing = {"key", "file", "sha256", "config", "config_sha256"} - set(entry)
         if missing:
             raise WeightsError(f"{path}: expert #{i} lacks {sorted(missing)}")
@@ -144,7 +150,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def _verified(folder: Path, relative: str, expected_sha256: str) -> Path:
-    path = folder / relative
+    """``folder / relative`` once its sha256 matches; a path leading out of the folder is refused."""
+    path = folder / str(relative)
+    if Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise WeightsError(f"{folder / MANIFEST}: file {relative!r} lies outside the weights folder")
     if not path.is_file():
         raise WeightsError(f"{path}: file listed in the manifest is missing")
     actual = sha256_file(path)
@@ -162,18 +171,24 @@ def load_expert(folder: str | Path, entry: Mapping[str, Any]) -> Expert:
     config_path = _verified(folder, entry["config"], entry["config_sha256"])
     weights_path = _verified(folder, entry["file"], entry["sha256"])
     try:
-        config = ExpertConfig.from_dict(json.loads(config_path.read_text()))
-    except (ValueError, TypeError) as e:
+        config = ExpertConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+        expert = build_from_config(config, pretrained=False)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSON, fields, unknown family
         raise WeightsError(f"{config_path}: invalid expert config ({e})") from e
-    expert = build_from_config(config, pretrained=False)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights_path)).items()}
+    try:
+        loaded = load_file(str(weights_path))
+    except Exception as e:  # noqa: BLE001  safetensors raises its own error type on a malformed file
+        raise WeightsError(f"{weights_path}: not a readable safetensors file ({e})") from e
+    state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.items()}
     expected = expert.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise WeightsError(f"{weights_path}: does not fit {config.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise WeightsError(f"{weights_path}: does not fit {config.name}: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, v in state.items():
         if v.shape != expected[k].shape:
-            raise WeightsError(f"{weights_path}: tensor {k} has shape {tuple(v.shape)}, {config.name} needs {tuple(expected[k].shape)}")
+            raise WeightsError(f"{weights_path}: tensor {k} has shape {tuple(v.shape)}, "
+                               f"{config.name} needs {tuple(expected[k].shape)}")
     expert.load_state_dict(state, strict=True)
     return expert.eval()
 

@@ -80,7 +80,7 @@ def test_unknown_format_version_is_refused(saved):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["format_version"] = 99
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(WeightsError, match="format_version 99 is not supported"):
+    with pytest.raises(WeightsError, match="manifest.json: format_version 99 is not supported"):
         load_ensemble(folder)
 
 
@@ -97,8 +97,76 @@ def test_wrong_tensor_shapes_are_refused(saved, tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["experts"][1]["sha256"] = sha256_file(folder / "cnx" / "model.safetensors")
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(WeightsError, match=r"tensor head.(weight|bias) has shape \(3,"):
+    with pytest.raises(WeightsError, match=r"cnx/model.safetensors: tensor head.(weight|bias) has shape \(3,"):
         load_ensemble(folder)
+
+
+def _rewrite_manifest(folder, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_malformed_manifests_are_refused_naming_it(saved):
+    _, folder = saved
+    (folder / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(WeightsError, match="manifest.json: not a manifest"):
+        load_ensemble(folder)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="manifest.json: not valid JSON"):
+        load_ensemble(folder)
+
+
+def test_paths_leading_out_of_the_folder_are_refused(saved, tmp_path):
+    _, folder = saved
+    (tmp_path / "elsewhere.safetensors").write_bytes((folder / "eff" / "model.safetensors").read_bytes())
+    _rewrite_manifest(folder, lambda m: m["experts"][0].update(file="../elsewhere.safetensors"))
+    with pytest.raises(WeightsError, match=r"manifest.json: file '../elsewhere.safetensors' lies outside"):
+        load_ensemble(folder)
+
+
+def test_corrupt_safetensors_with_a_matching_hash_is_refused(saved):
+    from experts.weights import sha256_file
+
+    _, folder = saved
+    path = folder / "eff" / "model.safetensors"
+    path.write_bytes(b"\xff" * 64)
+    _rewrite_manifest(folder, lambda m: m["experts"][0].update(sha256=sha256_file(path)))
+    with pytest.raises(WeightsError, match="eff/model.safetensors: not a readable safetensors file"):
+        load_ensemble(folder)
+
+
+def test_unknown_expert_family_is_refused(saved):
+    from experts.weights import sha256_file
+
+    _, folder = saved
+    path = folder / "eff" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "family": "no_such_family"}))
+    _rewrite_manifest(folder, lambda m: m["experts"][0].update(config_sha256=sha256_file(path)))
+    with pytest.raises(WeightsError, match="eff/config.json: invalid expert config .*no_such_family"):
+        load_ensemble(folder)
+
+
+def test_every_torch_load_in_the_repo_is_weights_only():
+    """torch.load without weights_only=True unpickles, i.e. runs code from the file; none may slip in."""
+    import ast
+
+    from tests.conftest import ROOT
+
+    offenders, calls = [], 0
+    for path in ROOT.rglob("*.py"):
+        if any(part.startswith(".") or part in ("venv", "site-packages") for part in path.relative_to(ROOT).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                calls += 1
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                if not safe:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert calls > 0, "the scan found no torch.load at all; is it looking in the right place?"
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
 
 
 def test_not_a_weights_folder(tmp_path):
