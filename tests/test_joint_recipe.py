@@ -160,7 +160,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, set32):
     resumed = _run(killed)
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
-    assert f"resumed from" in output
+    assert "resumed from" in output
     a = load_file(str(tmp_path / "whole" / "weights" / "eff" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "weights" / "eff" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -32,11 +32,10 @@ if __package__ in (None, ""):  # `python train/joint.py` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from torch_ema import ExponentialMovingAverage
 from tqdm import tqdm
 
@@ -49,7 +48,7 @@ from experts.device import DeviceError, resolve_device
 from train.checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.config import TrainConfig, load_config
 from train.data import EpochSampler, Splits, build_splits, expert_key, sampling_weights
-from train.distributed import Dist, barrier, broadcast, init_distributed, process_device, shutdown
+from train.distributed import barrier, broadcast, init_distributed, process_device, shutdown
 from train.objective import JointObjective
 from train.run_log import RunLog
 
