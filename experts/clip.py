@@ -21,12 +21,16 @@ _VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, 
                 patch_size=14, image_size=224, projection_dim=768)
 _VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 patch_size=16, image_size=224, projection_dim=512)
+# Sized for CPU training from scratch (no hub weights): ViT-Tiny's width, half its depth.
+_VIT_TINY = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=3,
+                 patch_size=16, image_size=224, projection_dim=192)
 _TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              patch_size=8, image_size=64, projection_dim=32)
 
 _CFGS: dict[str, dict[str, Any]] = {
     "clip_vit_l14": dict(arch="openai/clip-vit-large-patch14", input_size=224, backbone_config=_VIT_L14),
     "clip_vit_b16": dict(arch="openai/clip-vit-base-patch16", input_size=224, backbone_config=_VIT_B16),
+    "clip_vit_tiny": dict(arch="clip_vit_tiny", input_size=224, backbone_config=_VIT_TINY),
     "test_clip": dict(arch="test_clip", input_size=64, backbone_config=_TINY),
 }
 
@@ -61,7 +65,11 @@ def _architecture(config: CLIPVisionConfig) -> dict[str, Any]:
 
 def _create_vision_model(config: ExpertConfig, pretrained: bool | str) -> CLIPVisionModel:
     if pretrained is True:
-        return CLIPVisionModel.from_pretrained(config.hub_id or config.arch)
+        repo = config.hub_id or config.arch
+        if "/" not in repo:
+            raise ValueError(f"{config.name}: no hub weights exist for this size; use pretrained=False "
+                             "(random init) or a local folder saved with save_pretrained")
+        return CLIPVisionModel.from_pretrained(repo)
     if pretrained:
         path = Path(pretrained)
         if not path.is_dir():
@@ -92,6 +100,15 @@ def clip_vit_l14(pretrained: bool | str = False, **overrides: Any) -> ClipExpert
 def clip_vit_b16(pretrained: bool | str = False, **overrides: Any) -> ClipExpert:
     """OpenAI CLIP ViT-B/16 vision tower."""
     return _create("clip_vit_b16", pretrained, **overrides)
+
+
+@register_expert
+def clip_vit_tiny(pretrained: bool | str = False, **overrides: Any) -> ClipExpert:
+    """A CLIP vision tower of ViT-Tiny width (6 layers, 2.7 M parameters): random init or a local folder.
+
+    No hub carries weights of this size; it exists so the CLIP family (with LIB) trains on a CPU.
+    """
+    return _create("clip_vit_tiny", pretrained, **overrides)
 
 
 @register_expert

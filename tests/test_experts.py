@@ -117,3 +117,14 @@ def test_clip_local_folder_round_trip(tmp_path):
     source.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.allclose(source.forward_features(x), loaded.forward_features(x), atol=1e-6)
+
+
+def test_cpu_sized_clip_builds_offline_and_refuses_a_hub_download():
+    expert = create_expert("clip_vit_tiny", head="lib")
+    assert expert.config.family == "clip" and expert.config.input_size == 224
+    assert sum(p.numel() for p in expert.vision.parameters()) < 3_500_000
+    with torch.no_grad():
+        logits, _ = expert(torch.rand(1, 3, 224, 224))
+    assert logits.shape == (1, 2)
+    with pytest.raises(ValueError, match="no hub weights"):
+        create_expert("clip_vit_tiny", pretrained=True)

@@ -127,6 +127,62 @@ def test_cluster_folds_give_each_expert_its_own_training_rows(tmp_path, set32):
     assert "leave-one-cluster-out" in read_manifest(tmp_path / "folds" / "weights")["training"]["validation"]
 
 
+def write_three_cluster_splits(csv_path, out):
+    """Three clusters of about 11 images; fold f holds out cluster f."""
+    df = pd.read_csv(csv_path)
+    df["path"] = [str(csv_path.parent / n) for n in df["img_name"]]
+    df["cluster"] = [int(n[7:10]) // 11 for n in df["img_name"]]
+    for f in (0, 1, 2):
+        df[f"fold_{f}"] = np.where(df["cluster"] == f, "val", "train")
+    df.to_csv(out, index=False)
+    return out
+
+
+def test_test_clusters_are_held_out_from_every_expert_and_never_choose_the_checkpoint(tmp_path, set32):
+    splits_csv = write_three_cluster_splits(set32, tmp_path / "splits.csv")
+    rows = pd.read_csv(splits_csv)
+    experts = [{"name": "test_efficientnet", "key": "a", "fold": 0}, {"name": "test_convnext", "key": "b", "fold": 1}]
+    splits = build_splits(TrainConfig(experts=experts, splits=str(splits_csv), test_clusters=[2]))
+    assert (splits.pool["cluster"] != 2).all()
+    assert not splits.masks["a"][splits.pool["cluster"].to_numpy() == 0].any()
+    assert splits.masks["a"][splits.pool["cluster"].to_numpy() == 1].all()
+    assert set(splits.val["cluster_2"]["img_name"]) == set(rows.loc[rows["cluster"] == 2, "img_name"])
+    assert splits.val_experts["cluster_2"] is None and splits.test == ["cluster_2"]
+    assert splits.selection_sets == ["fold_0", "fold_1"]
+
+    config = write_config(tmp_path, "test", splits=str(splits_csv), experts=experts, test_clusters=[2])
+    results = joint.main([str(config)])
+    assert {"cluster_2/a", "cluster_2/b", "cluster_2/ensemble"} <= set(results)
+    assert read_manifest(tmp_path / "test" / "weights")["training"]["test_sets"] == ["cluster_2"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"test_clusters": [7]}, "not clusters"),
+    ({"test_clusters": [1]}, "are test_clusters"),
+])
+def test_bad_test_clusters_are_refused(tmp_path, set32, options, message):
+    splits_csv = write_three_cluster_splits(set32, tmp_path / "splits.csv")
+    experts = [{"name": "test_efficientnet", "key": "a", "fold": 0}, {"name": "test_convnext", "key": "b", "fold": 1}]
+    with pytest.raises(SystemExit, match=message):
+        build_splits(TrainConfig(experts=experts, splits=str(splits_csv), **options))
+    with pytest.raises(SystemExit, match="needs `splits`"):
+        build_splits(TrainConfig(experts=experts, train=[{"csv": str(set32)}], test_clusters=[2]))
+
+
+def test_an_experts_lr_scale_scales_all_its_rates():
+    cfg = TrainConfig(experts=[{"name": "test_efficientnet", "key": "a"},
+                               {"name": "test_convnext", "key": "b", "lr_scale": 3.0}], lr=1e-3, head_lr_scale=10.0)
+    experts = joint.build_experts(cfg)
+    optimizer = joint.build_optimizer(joint.build_objective(experts, cfg), cfg)
+    rates = {}
+    for group in optimizer.param_groups:
+        owner = next(k for k, e in experts.items() if any(p is group["params"][0] for p in e.parameters())) \
+            if group["params"] else None
+        if owner:
+            rates.setdefault(owner, set()).add(round(group["lr"], 9))
+    assert rates == {"a": {1e-3, 1e-2}, "b": {3e-3, 3e-2}}
+
+
 def test_early_stopping_with_patience(tmp_path, set32, capsys):
     config = write_config(tmp_path, "stop", train=[{"csv": str(set32)}], experts=THREE_FAMILIES[:1], epochs=5,
                           lr=0.0, patience=1)

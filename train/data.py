@@ -11,7 +11,7 @@ Two ways to split, chosen by the config:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -36,12 +36,20 @@ class Splits:
         val: Validation set name -> rows.
         val_experts: Validation set name -> the experts it is held out for (an expert is only measured on
             data it never trained on; ``None``: every expert).
+        test: Names of validation sets that are reported but never choose the checkpoint or stop training
+            (the ``test_clusters``: held out from every expert, so the ensemble's number on them is clean).
     """
 
     pool: pd.DataFrame
     masks: dict[str, np.ndarray]
     val: dict[str, pd.DataFrame]
     val_experts: dict[str, list[str] | None]
+    test: list[str] = field(default_factory=list)
+
+    @property
+    def selection_sets(self) -> list[str]:
+        """The validation sets the best checkpoint and early stopping are decided on."""
+        return [name for name in self.val if name not in self.test]
 
 
 def expert_key(spec: dict) -> str:
@@ -50,6 +58,8 @@ def expert_key(spec: dict) -> str:
 
 def build_splits(cfg: TrainConfig) -> Splits:
     """The pool, masks and validation sets of the config (cluster folds when ``splits`` is set)."""
+    if cfg.test_clusters and not cfg.splits:
+        raise SystemExit("error: `test_clusters` needs `splits` (the splits.csv of data_prep/cluster.py)")
     splits = _fold_splits(cfg) if cfg.splits else _group_splits(cfg)
     for entry in cfg.val_extra:
         path = entry if isinstance(entry, str) else entry["csv"]
@@ -98,7 +108,8 @@ def _fold_splits(cfg: TrainConfig) -> Splits:
         raise SystemExit(f"error: {path}: not a splits file of data_prep/cluster.py "
                          f"(missing {sorted(missing) or 'fold_* columns'})")
     folds = expert_folds(cfg, len(fold_cols))
-    trains = {key: (rows[f"fold_{f}"] == "train").to_numpy() for key, f in folds.items()}
+    test_rows = _test_rows(rows, cfg.test_clusters, folds, path)
+    trains = {key: (rows[f"fold_{f}"] == "train").to_numpy() & ~test_rows for key, f in folds.items()}
     used = np.logical_or.reduce(list(trains.values()))
     pool = rows[used].reset_index(drop=True)
     masks = {key: m[used] for key, m in trains.items()}
@@ -107,7 +118,28 @@ def _fold_splits(cfg: TrainConfig) -> Splits:
         name = f"fold_{f}"
         val[name] = rows[rows[name] == "val"].reset_index(drop=True)
         val_experts[name] = [key for key, kf in folds.items() if kf == f]
-    return Splits(pool, masks, val, val_experts)
+    for c in cfg.test_clusters:
+        name = f"cluster_{c}"
+        val[name] = rows[rows["cluster"] == c].reset_index(drop=True)
+        val_experts[name] = None
+    return Splits(pool, masks, val, val_experts, test=[f"cluster_{c}" for c in cfg.test_clusters])
+
+
+def _test_rows(rows: pd.DataFrame, clusters: list[int], folds: dict[str, int], path: Path) -> np.ndarray:
+    """Rows of the clusters held out from every expert, after checking the clusters make sense."""
+    if not clusters:
+        return np.zeros(len(rows), bool)
+    if "cluster" not in rows.columns:
+        raise SystemExit(f"error: {path}: no `cluster` column, so `test_clusters` cannot be held out")
+    known = set(rows["cluster"].unique())
+    unknown = sorted(set(clusters) - known)
+    if unknown:
+        raise SystemExit(f"error: test_clusters {unknown} are not clusters of {path} (it has {sorted(known)})")
+    clash = {key: f for key, f in folds.items() if f in clusters}
+    if clash:
+        raise SystemExit(f"error: experts {sorted(clash)} validate on folds {sorted(set(clash.values()))}, which are "
+                         "test_clusters: give them other folds (a test cluster never chooses a checkpoint)")
+    return rows["cluster"].isin(clusters).to_numpy()
 
 
 def _read(csv_path: str) -> pd.DataFrame:

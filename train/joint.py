@@ -63,7 +63,7 @@ def build_experts(cfg: TrainConfig) -> dict[str, Expert]:
         spec = dict(spec)
         name, pretrained = spec.pop("name"), spec.pop("pretrained", False)
         key = spec.pop("key", name)
-        for training_only in ("weight", "fold"):
+        for training_only in ("weight", "fold", "lr_scale"):
             spec.pop(training_only, None)
         if key in experts:
             raise SystemExit(f"error: two experts are keyed {key!r}; give one a distinct `key`")
@@ -82,13 +82,18 @@ def build_objective(experts: dict[str, Expert], cfg: TrainConfig) -> JointObject
 
 
 def build_optimizer(objective: JointObjective, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the heads (and learned loss weights) at a higher rate; no weight decay on 1-D tensors."""
+    """AdamW with the heads (and learned loss weights) at a higher rate; no weight decay on 1-D tensors.
+
+    An expert's ``lr_scale`` (config entry, default 1) scales all its rates: a randomly initialised expert
+    wants a larger step than a pretrained one trained beside it.
+    """
+    expert_scale = {expert_key(spec): float(spec.get("lr_scale", 1.0)) for spec in cfg.experts}
     groups = []
-    for expert in objective.experts.values():
+    for key, expert in objective.experts.items():
         for is_head in (False, True):
             params = [(n, p) for n, p in expert.named_parameters()
                       if p.requires_grad and n.startswith("head.") == is_head]
-            scale = cfg.head_lr_scale if is_head else 1.0
+            scale = (cfg.head_lr_scale if is_head else 1.0) * expert_scale.get(key, 1.0)
             groups += [{"params": [p for _, p in params if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": scale},
                        {"params": [p for _, p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale}]
     groups.append({"params": [p for p in objective.weighting.parameters() if p.requires_grad], "weight_decay": 0.0,
@@ -173,7 +178,7 @@ def expert_weights(cfg: TrainConfig) -> dict[str, float]:
 
 
 def selection_score(results: dict[str, dict[str, float]], set_names: list[str]) -> float:
-    """Mean ensemble AUC over the validation sets: the number the best checkpoint is chosen by."""
+    """Mean ensemble AUC over the (non-test) validation sets: the number the best checkpoint is chosen by."""
     return float(np.nanmean([results[f"{s}/ensemble"]["auc"] for s in set_names]))
 
 
@@ -192,7 +197,8 @@ def write_weights(experts: dict[str, Expert], emas: dict[str, ExponentialMovingA
     metadata = {
         "training": {"command": command, "config": cfg.to_dict(), "epoch": epoch, "step": step, "data": data,
                      "validation": f"{protocol}, resized and re-encoded at JPEG quality {cfg.val_jpeg_quality}",
-                     "validation_sets": {k: v for k, v in splits.val_experts.items()}},
+                     "validation_sets": {k: v for k, v in splits.val_experts.items()},
+                     "test_sets": list(splits.test)},
         "val_metrics": {k.split("/")[0]: v for k, v in results.items() if k.endswith("/ensemble")},
     }
     with ExitStack() as stack:
@@ -339,7 +345,7 @@ class Trainer:
         stop = False
         if self.dist.is_main:
             results = evaluate(self.experts, self.emas, self.splits, self.cfg, self.device)
-            score = selection_score(results, list(self.splits.val))
+            score = selection_score(results, self.splits.selection_sets)
             self.log.epoch(epoch, self.step, {"score": score, **{f"{k}/{m}": v[m] for k, v in results.items() for m in METRICS}})
             print(f"epoch {epoch}: " + ", ".join(f"{k} AUC {v['auc']:.4f}" for k, v in results.items()))
             if score > self.best:
