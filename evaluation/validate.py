@@ -2,6 +2,7 @@
 
     python evaluation/validate.py ../shared/data/dfdc_faces/labels.csv ../shared/data/gan_faces/labels.csv
     python evaluation/validate.py data/test/labels.csv --whole --weights my_weights/
+    python evaluation/validate.py --splits runs/clusters/splits.csv --clusters 3 6   # the recipe's test clusters
 
 By default each CSV is split exactly as ``train/joint.py`` splits it (groups hashed into a
 ``--val-fraction`` share), and only the validation part is scored; ``--whole`` scores every row (for a
@@ -21,9 +22,11 @@ if __package__ in (None, ""):  # `python evaluation/validate.py` from the repo r
 
 import numpy as np
 import pandas as pd
+import torch
 
 from data_prep.labels import read_labels, split_by_group
 from data_prep.transforms import shortcut_free_eval_transform
+from evaluation.heldout import cluster_sets
 from evaluation.metrics import detection_metrics
 from evaluation.scoring import score_images
 from experts import Ensemble, load_ensemble
@@ -31,42 +34,70 @@ from experts import Ensemble, load_ensemble
 COLUMNS = ["n", "auc", "tpr@fpr1e-3", "eer", "acc@0.5", "ap"]
 
 
-def validate(ensemble: Ensemble, df: pd.DataFrame, jpeg_quality: int = 75, batch_size: int = 32,
-             workers: int = 0, device: str = "cpu") -> pd.DataFrame:
-    """Metrics table (rows: experts then ``ensemble``) of the ensemble on the rows of ``df``."""
+def score_labelled(ensemble: Ensemble, df: pd.DataFrame, jpeg_quality: int = 75, batch_size: int = 32,
+                   workers: int = 0, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Labels ``[N]`` and per-expert fake probabilities ``[N, E]`` of the readable rows of ``df``.
+
+    Unreadable images are reported on stderr and left out, so one bad file does not stop a measurement.
+    """
     transform = partial(shortcut_free_eval_transform, jpeg_quality=jpeg_quality)
     scores = list(score_images(ensemble, df["path"], batch_size=batch_size, workers=workers, device=device,
                                transform=transform))
-    failed = [s.error for s in scores if s.error]
-    for error in failed:
-        print(f"error: {error}", file=sys.stderr)
+    for s in scores:
+        if s.error:
+            print(f"error: {s.error}", file=sys.stderr)
     ok = np.array([not s.error for s in scores])
-    targets = df["target"].to_numpy()[ok]
     probs = np.stack([s.expert_probs for s in scores])[ok]
+    return df["target"].to_numpy()[ok], probs
+
+
+def validate(ensemble: Ensemble, df: pd.DataFrame, jpeg_quality: int = 75, batch_size: int = 32,
+             workers: int = 0, device: str = "cpu") -> pd.DataFrame:
+    """Metrics table (rows: experts then ``ensemble``) of the ensemble on the rows of ``df``."""
+    targets, probs = score_labelled(ensemble, df, jpeg_quality, batch_size, workers, device)
     rows = {name: detection_metrics(targets, probs[:, i]) for i, name in enumerate(ensemble.names)}
-    rows["ensemble"] = detection_metrics(targets, np.array([s.prob for s in scores])[ok])
+    rows["ensemble"] = detection_metrics(targets, ensemble.combine(torch.from_numpy(probs)).numpy())
     return pd.DataFrame(rows).T[COLUMNS]
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csvs", nargs="+", help="labels CSVs (img_name,target[,group])")
+def add_set_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that say which labelled images to measure (shared by the evaluation commands)."""
+    p.add_argument("csvs", nargs="*", help="labels CSVs (img_name,target[,group])")
+    p.add_argument("--splits", help="splits.csv of data_prep/cluster.py: measure its --clusters instead of CSVs")
+    p.add_argument("--clusters", type=int, nargs="+", default=[],
+                   help="clusters of --splits to measure, one set each (the recipe's test_clusters)")
     p.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "weights"))
     p.add_argument("--val-fraction", type=float, default=0.2, help="as in training (default: 0.2)")
-    p.add_argument("--whole", action="store_true", help="score every row, not only the validation part")
+    p.add_argument("--whole", action="store_true", help="score every row of the CSVs, not only the validation part")
     p.add_argument("--jpeg-quality", type=int, default=75, help="re-encoding quality (default: 75)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    ensemble = load_ensemble(args.weights, args.device)
+
+
+def evaluation_sets(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
+    """Set name -> rows: the held-out clusters of ``--splits``, then each CSV (its validation part or whole)."""
+    if not args.csvs and not args.clusters:
+        raise SystemExit("error: give labels CSVs, or --splits FILE --clusters N [N ...]")
+    if bool(args.splits) != bool(args.clusters):
+        raise SystemExit("error: --splits and --clusters go together")
+    sets = cluster_sets(args.splits, args.clusters) if args.clusters else {}
     for csv in args.csvs:
         df = read_labels(csv)
-        if not args.whole:
-            df = split_by_group(df, args.val_fraction)[1]
+        sets[csv] = df if args.whole else split_by_group(df, args.val_fraction)[1]
+    return sets
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_set_arguments(p)
+    args = p.parse_args(argv)
+    ensemble = load_ensemble(args.weights, args.device)
+    for name, df in evaluation_sets(args).items():
         table = validate(ensemble, df, args.jpeg_quality, args.batch_size, args.workers, args.device)
-        part = "all rows" if args.whole else f"validation part ({args.val_fraction:.0%} of groups)"
-        print(f"\n{csv}: {part}, {int(table['n'].iloc[-1])} images "
+        part = ("held-out cluster" if name.startswith("cluster_") else
+                "all rows" if args.whole else f"validation part ({args.val_fraction:.0%} of groups)")
+        print(f"\n{name}: {part}, {int(table['n'].iloc[-1])} images "
               f"({int(df['target'].sum())} fake), JPEG {args.jpeg_quality}\n")
         print(table.to_markdown(floatfmt=".4f"))
 
