@@ -2,11 +2,12 @@
 
     python bench/robustness.py ../shared/data/dfdc_faces/labels.csv ../shared/data/gan_faces/labels.csv
     python bench/robustness.py labels.csv --whole --limit 500 --weights my_weights/ --plot robustness.png
+    python bench/robustness.py --splits runs/clusters/splits.csv --clusters 3 6 --limit 300   # held-out clusters
 
 Each condition degrades every image (both classes alike) at its own resolution, then applies the usual
 evaluation resize, and scores it with the code ``infer.py`` runs. By default only the group-disjoint
 validation part of each CSV is used (as ``evaluation/validate.py``); ``--whole`` uses every row (a set
-never trained on). Prints one table per CSV (condition x AUC) and saves a plot of AUC against each
+never trained on); ``--splits --clusters`` uses held-out clusters of ``data_prep/cluster.py``. Prints one table per CSV (condition x AUC) and saves a plot of AUC against each
 degradation's strength.
 """
 from __future__ import annotations
@@ -23,10 +24,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from data_prep.labels import LabelsError, read_labels, split_by_group
+from data_prep.labels import LabelsError
 from data_prep.transforms import eval_transform
 from evaluation.metrics import detection_metrics
 from evaluation.scoring import score_images
+from evaluation.validate import add_set_arguments, evaluation_sets
 from experts import Ensemble, load_ensemble
 
 # (degradation, strength) -> the albumentations transform; strength 'none' is the clean baseline.
@@ -99,32 +101,24 @@ def plot(tables: dict[str, pd.DataFrame], path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csvs", nargs="+", help="labels CSVs (img_name,target[,group])")
-    p.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "weights"))
-    p.add_argument("--whole", action="store_true", help="use every row, not only the validation part")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="as in training (default: 0.2)")
-    p.add_argument("--limit", type=int, default=0, help="at most this many images per CSV (a seeded sample)")
+    add_set_arguments(p)
+    p.add_argument("--limit", type=int, default=0, help="at most this many images per set (a seeded sample)")
     p.add_argument("--plot", default="robustness.png", help="where to save the plot (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    try:
+        sets = evaluation_sets(args)
+    except LabelsError as e:
+        raise SystemExit(f"error: {e}") from None
     ensemble = load_ensemble(args.weights, args.device)
     tables = {}
-    for csv in args.csvs:
-        try:
-            df = read_labels(csv)
-        except LabelsError as e:
-            raise SystemExit(f"error: {e}") from None
-        if not args.whole:
-            df = split_by_group(df, args.val_fraction)[1]
+    for name, df in sets.items():
         if args.limit and len(df) > args.limit:
             df = df.sample(n=args.limit, random_state=0).reset_index(drop=True)
-        name = Path(csv).resolve().parent.name
+        name = name if name.startswith("cluster_") else Path(name).resolve().parent.name
         print(f"{name}: {len(df)} images", file=sys.stderr)
         tables[name] = sweep(ensemble, df, args.batch_size, args.workers, args.device)
     wide = pd.concat({k: v.set_index(["degradation", "strength"])["auc"] for k, v in tables.items()}, axis=1)
-    print("\nAUC under each degradation (rows: condition; columns: validation set)\n")
+    print("\nAUC under each degradation (rows: condition; columns: evaluation set)\n")
     print(wide.to_markdown(floatfmt=".4f"))
     print(f"\nplot saved to {plot(tables, args.plot)}")
 
