@@ -1,13 +1,20 @@
-"""Score images with the deepfake detector: the probability that each image is fake.
+"""Score images with the deepfake detector: the probability that each image is fake, and a verdict.
 
-    python infer.py demo/fake_1.jpg                         # one line per image: probability, name
+    python infer.py demo/fake_1.jpg                         # one line per image: probability, verdict, name
     python infer.py photos/ --submission submission.csv     # a folder (recursive), written as img_name,y_pred
     python infer.py test/labels.csv --submission sub.csv    # a CSV list (img_name column, relative to the CSV)
     python infer.py imgs/ --submission sub.csv --per-expert --batch-size 64 --device cuda
     python infer.py big_list.csv --submission sub.csv --resume   # continue a run that was killed
 
 The score is the (weighted) average of the experts' softmax fake probabilities, as in the original
-ensemble. An image that cannot be read is reported on stderr as ``error: FILE: REASON``, the others are
+ensemble. Printed, each image is one line ``PROBABILITY<TAB>VERDICT<TAB>NAME`` (no header; with
+--per-expert, one more tab-separated probability per expert after the name), e.g.
+``0.912345<TAB>fake<TAB>demo/fake_1.jpg``. The verdict is ``fake`` when the (unrounded) probability is at
+least the decision threshold, else ``real``. The threshold comes from the weights folder's manifest.json
+(chosen on validation data by ``evaluation/threshold.py``), 0.5 when the weights folder records none. A
+submission (--submission) holds the probability only, as the competition expects.
+
+An image that cannot be read is reported on stderr as ``error: FILE: REASON``, the others are
 still scored and written, and the exit status is 1 (2 when an input, the weights or an option is unusable).
 
 A submission is written as it goes: each batch is appended to ``OUT.csv.partial`` and flushed, so memory
@@ -139,7 +146,8 @@ def write_submission(partial: Path, out: Path, names: Sequence[str], stamp: str,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", help="image files, folders, CSV lists (img_name column) or glob patterns")
-    p.add_argument("--submission", metavar="OUT.csv", help="write img_name,y_pred to this CSV instead of printing")
+    p.add_argument("--submission", metavar="OUT.csv",
+                   help="write img_name,y_pred (probabilities, no verdict) to this CSV instead of printing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --submission file")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted --submission run from OUT.csv.partial (its rows are not rescored)")
@@ -190,7 +198,11 @@ def _report(score: Score, debug: bool) -> None:
 
 
 def score_to_stdout(args: argparse.Namespace, items: Items, ensemble: Ensemble, device: torch.device) -> int:
-    """Print ``probability<TAB>name`` per image as it is scored; returns the number of failures."""
+    """Print ``probability<TAB>verdict<TAB>name[<TAB>expert probability ...]`` per image as it is scored.
+
+    No header and a fixed column order, so that scripts can cut fields (``cut -f2`` is the verdict);
+    returns the number of failures.
+    """
     failed = 0
     for batch in _batches(args, items, ensemble, device, progress=len(items) > 1):
         for score in batch:
@@ -199,7 +211,7 @@ def score_to_stdout(args: argparse.Namespace, items: Items, ensemble: Ensemble, 
                 _report(score, args.debug)
                 continue
             extra = "".join(f"\t{p:.6f}" for p in score.expert_probs) if args.per_expert else ""
-            tqdm.write(f"{score.prob:.6f}\t{score.name}{extra}")
+            tqdm.write(f"{score.prob:.6f}\t{ensemble.verdict(score.prob)}\t{score.name}{extra}")
     return failed
 
 

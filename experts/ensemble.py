@@ -1,7 +1,9 @@
 """An ensemble averages its experts' fake probabilities, as the original solution did."""
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from numbers import Real
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -9,13 +11,29 @@ from torch import nn
 from .base import Expert
 
 
-class Ensemble(nn.Module):
-    """Experts keyed by name, with non-negative weights for the average (equal by default)."""
+DEFAULT_THRESHOLD = 0.5
 
-    def __init__(self, experts: Mapping[str, Expert], weights: Mapping[str, float] | None = None):
+
+def check_threshold(value: Any) -> float:
+    """``value`` as a float once it is a finite number in [0, 1]; a probability threshold can be nothing else."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError(f"threshold must be a finite number in [0, 1], got {value!r}")
+    return float(value)
+
+
+class Ensemble(nn.Module):
+    """Experts keyed by name, with non-negative weights for the average (equal by default).
+
+    ``threshold`` turns the probability into a verdict (:meth:`verdict`); a weights folder records the
+    one chosen on validation data (``evaluation/threshold.py``), 0.5 where it records none.
+    """
+
+    def __init__(self, experts: Mapping[str, Expert], weights: Mapping[str, float] | None = None,
+                 threshold: float = DEFAULT_THRESHOLD):
         super().__init__()
         if not experts:
             raise ValueError("an ensemble needs at least one expert")
+        self.threshold = check_threshold(threshold)
         self.experts = nn.ModuleDict(dict(experts))
         w = torch.tensor([float((weights or {}).get(k, 1.0)) for k in self.experts])
         if (w < 0).any() or w.sum() <= 0:
@@ -44,6 +62,10 @@ class Ensemble(nn.Module):
     def combine(self, expert_probs: torch.Tensor) -> torch.Tensor:
         """Weighted average ``[B]`` of per-expert probabilities ``[B, E]``."""
         return expert_probs @ self.weights.to(expert_probs)
+
+    def verdict(self, prob: float) -> str:
+        """``"fake"`` when ``prob`` reaches the threshold, else ``"real"`` (NaN, an unscored image, is "real")."""
+        return "fake" if prob >= self.threshold else "real"
 
     def forward(self, images: Mapping[int, torch.Tensor]) -> torch.Tensor:
         return self.combine(self.expert_probs(images))

@@ -10,6 +10,13 @@
 
 Like ``save_pretrained``/``from_pretrained``, but for an ensemble. Only JSON and safetensors are ever
 read, and every file is checked against the sha256 in the manifest before it is used.
+
+The manifest may also record the decision threshold chosen on validation data (``evaluation/threshold.py``
+writes it with :func:`set_threshold`)::
+
+    "threshold": {"value": 0.62, "rule": "balanced", "target_fpr": null, "set": "...", "n": 1753, ...}
+
+A folder without one gets 0.5.
 """
 from __future__ import annotations
 
@@ -26,11 +33,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .base import Expert, ExpertConfig
-from .ensemble import Ensemble
+from .ensemble import DEFAULT_THRESHOLD, Ensemble, check_threshold
 from .registry import build_from_config
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+THRESHOLD = "threshold"  # the manifest's top-level entry for the decision threshold
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -193,9 +201,54 @@ def load_expert(folder: str | Path, entry: Mapping[str, Any]) -> Expert:
     return expert.eval()
 
 
-def load_ensemble(folder: str | Path, device: str | torch.device = "cpu") -> Ensemble:
-    """Load a weights folder as an :class:`Ensemble` ready for inference."""
+def manifest_threshold(manifest: Mapping[str, Any], path: str | Path) -> float:
+    """The decision threshold a manifest records, 0.5 when it records none (folders older than thresholds).
+
+    ``path`` (the manifest file) names the culprit in the error for a malformed entry.
+    """
+    if THRESHOLD not in manifest:
+        return DEFAULT_THRESHOLD
+    return _threshold_value(manifest[THRESHOLD], path)
+
+
+def _threshold_value(entry: Any, path: str | Path) -> float:
+    if not isinstance(entry, Mapping) or "value" not in entry:
+        raise WeightsError(f"{path}: \"{THRESHOLD}\" must be an object with a \"value\", got {entry!r}")
+    try:
+        return check_threshold(entry["value"])
+    except ValueError as e:
+        raise WeightsError(f"{path}: \"{THRESHOLD}\": {e}") from None
+
+
+def set_threshold(folder: str | Path, threshold: Mapping[str, Any]) -> None:
+    """Record ``threshold`` (a dict with at least ``value``) as the manifest's ``"threshold"`` entry.
+
+    Only the manifest changes, and every other entry is kept as it was: the sha256 entries cover the
+    experts' files, not the manifest, so the folder loads as before. The new manifest is written beside the
+    old one and renamed over it, so a crash leaves either the old or the new one, never half a file.
+    """
+    path = Path(folder) / MANIFEST
     manifest = read_manifest(folder)
+    _threshold_value(threshold, path)  # refuse before writing anything
+    manifest[THRESHOLD] = dict(threshold)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")  # as save_ensemble writes it
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777)  # mkstemp makes it private; keep the manifest's mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_ensemble(folder: str | Path, device: str | torch.device = "cpu") -> Ensemble:
+    """Load a weights folder as an :class:`Ensemble` ready for inference, with its recorded threshold."""
+    manifest = read_manifest(folder)
+    threshold = manifest_threshold(manifest, Path(folder) / MANIFEST)  # before the (slow) expert loads
     experts = {e["key"]: load_expert(folder, e) for e in manifest["experts"]}
     weights = {e["key"]: float(e.get("weight", 1.0)) for e in manifest["experts"]}
-    return Ensemble(experts, weights).to(device, memory_format=torch.channels_last).eval()
+    ensemble = Ensemble(experts, weights, threshold=threshold)
+    return ensemble.to(device, memory_format=torch.channels_last).eval()

@@ -140,7 +140,7 @@ def test_one_pixel_and_very_large_images_are_read_and_scored(tiny_weights, tmp_p
     del big
     images = [str(tmp_path / "dot.png"), str(tmp_path / "big.jpg")]
     assert infer.main(images + ["--weights", str(tiny_weights), "--quiet"]) == 0
-    assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == images
+    assert [line.split("\t")[2] for line in capsys.readouterr().out.splitlines()] == images
 
 
 def test_extreme_aspect_ratios_are_scored_without_blowing_up(tiny_weights, tmp_path, capsys):

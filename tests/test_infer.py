@@ -69,8 +69,10 @@ def test_prints_one_line_per_image(tiny_weights, image_folder, capsys):
     images = sorted((image_folder / "images").glob("00*.jpg"))[:2]
     assert infer.main([str(p) for p in images] + ["--weights", str(tiny_weights), "--quiet"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split("\t")[1] for line in lines] == [str(p) for p in images]
+    assert [line.split("\t")[2] for line in lines] == [str(p) for p in images]
     assert all(0.0 <= float(line.split("\t")[0]) <= 1.0 for line in lines)
+    # no threshold in the folder: the verdict is the probability against 0.5
+    assert all(line.split("\t")[1] == ("fake" if float(line.split("\t")[0]) >= 0.5 else "real") for line in lines)
 
 
 # ------------------------------------------------------------------------------ the shipped default model
@@ -88,9 +90,12 @@ def test_default_model_reproduces_the_demo_scores():
     result = subprocess.run([sys.executable, "infer.py", *images, "--device", "cpu"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    got = dict(reversed(line.split("\t")) for line in result.stdout.strip().splitlines())
+    rows = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    got = {name: float(prob) for prob, _, name in rows}
     for name, score in zip(expected["img_name"], expected["y_pred"]):
         assert float(got[f"demo/{name}"]) == pytest.approx(score, abs=1e-4), name
+    threshold = read_manifest(ROOT / "weights").get("threshold", {"value": 0.5})["value"]
+    assert all(verdict == ("fake" if float(prob) >= threshold else "real") for prob, verdict, _ in rows)
 
 
 def test_crop_faces_scores_the_face_crop(tiny_weights, tmp_path, capsys):

@@ -1,0 +1,199 @@
+"""Choose the decision threshold of a weights folder on labelled data, and record it in its manifest.
+
+    python evaluation/threshold.py ../shared/data/dfdc_faces/labels.csv ../shared/data/gan_faces/labels.csv
+    python evaluation/threshold.py data/holdout/labels.csv --whole --rule fpr --fpr 0.01
+    python evaluation/threshold.py --splits runs/clusters/splits.csv --clusters 3 6 --dry-run
+
+``infer.py`` prints a verdict beside each probability: "fake" when the probability is at least the
+threshold, else "real". The probability's scale depends on the training run, so 0.5 (what a folder without
+a recorded threshold uses) is rarely the best cut; this command picks one on data the experts did not train
+on and writes it to ``WEIGHTS/manifest.json`` (``"threshold"``), with the rule, the sets and the command.
+
+The images are selected and scored exactly as ``evaluation/validate.py`` does (the group-disjoint validation
+part of each CSV, or every row with ``--whole``, or held-out clusters; resize, then one JPEG quality for both
+classes), and all sets are pooled: one threshold serves every image. Rules:
+
+* ``balanced`` (default): the threshold with the highest balanced accuracy, (TPR + TNR) / 2, so that a
+  set with many more fakes than reals does not pull the cut towards calling everything fake;
+* ``fpr``: the lowest threshold whose false-positive rate on the real images is at most ``--fpr``
+  (default 0.01): as many fakes caught as possible while wrongly accusing at most that share of reals.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # `python evaluation/threshold.py` from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_curve
+
+from data_prep.labels import LabelsError
+from evaluation.validate import add_set_arguments, evaluation_sets, score_labelled
+from experts import WeightsError, load_ensemble
+from experts.weights import MANIFEST, set_threshold
+
+RULES = ("balanced", "fpr")
+DEFAULT_FPR = 0.01
+
+
+class ThresholdError(ValueError):
+    """Data or options from which no meaningful threshold can be chosen; the message says why."""
+
+
+def choose_threshold(targets: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray,
+                     rule: str = "balanced", target_fpr: float | None = None) -> dict[str, Any]:
+    """Pick a threshold on the ROC curve of ``probs`` (fake probability) against ``targets`` (1 = fake).
+
+    Candidates are the distinct scores (``roc_curve`` thresholds), so the chosen value is one of ``probs``
+    and an image scoring exactly the threshold is called fake, as :meth:`Ensemble.verdict` does.
+    ``balanced`` maximises (TPR + TNR) / 2 (ties go to the higher threshold, the one with fewer false
+    positives); ``fpr`` takes the lowest threshold whose FPR is at most ``target_fpr``.
+
+    Returns ``value, rule, target_fpr, tpr, fpr, balanced_accuracy, n, n_fake, n_real``, the rates being
+    those of the verdicts at ``value`` on these images.
+    """
+    t = np.asarray(targets)
+    s = np.asarray(probs, dtype=np.float64)
+    if t.ndim != 1 or t.shape != s.shape:
+        raise ThresholdError(f"targets {t.shape} and probabilities {s.shape} must be two vectors of one length")
+    if not np.isin(t, (0, 1)).all():
+        raise ThresholdError("targets must be 0 (real) or 1 (fake)")
+    if not np.isfinite(s).all() or (s < 0).any() or (s > 1).any():
+        raise ThresholdError("probabilities must be finite numbers in [0, 1]")
+    t = t.astype(int)
+    n_fake = int(t.sum())
+    n_real = len(t) - n_fake
+    if n_fake == 0 or n_real == 0:
+        raise ThresholdError(f"a threshold separates real from fake images, so it needs both classes; "
+                             f"got {n_real} real and {n_fake} fake images")
+    if rule not in RULES:
+        raise ThresholdError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    if rule == "fpr":
+        if target_fpr is None or not 0.0 < float(target_fpr) < 1.0:
+            raise ThresholdError(f"the fpr rule needs a target false-positive rate in (0, 1), got {target_fpr!r}")
+        target_fpr = float(target_fpr)
+    elif target_fpr is not None:
+        raise ThresholdError("a target false-positive rate applies to the fpr rule only")
+
+    fpr, tpr, thresholds = roc_curve(t, s, drop_intermediate=False)
+    keep = thresholds <= s.max()  # drop the first point, above every score (inf, or max + 1 in older sklearn)
+    fpr, tpr, thresholds = fpr[keep], tpr[keep], thresholds[keep]  # thresholds decrease, rates increase
+    if rule == "balanced":
+        i = int(np.argmax((tpr + 1.0 - fpr) / 2.0))
+    else:
+        allowed = np.flatnonzero(fpr <= target_fpr + 1e-12)
+        if not len(allowed):
+            raise ThresholdError(
+                f"no threshold keeps the false-positive rate at or below {target_fpr:g}: the top score "
+                f"({s.max():.6f}) belongs to real images, so every threshold flags {fpr[0]:.2%} of the "
+                f"{n_real} real images; use more real images or a larger target")
+        i = int(allowed[-1])
+    value = float(thresholds[i])
+    fake = s >= value  # the rates as infer.py's verdicts will have them
+    tpr_at, fpr_at = float(fake[t == 1].mean()), float(fake[t == 0].mean())
+    return {
+        "value": value,
+        "rule": rule,
+        "target_fpr": target_fpr,
+        "tpr": tpr_at,
+        "fpr": fpr_at,
+        "balanced_accuracy": (tpr_at + 1.0 - fpr_at) / 2.0,
+        "n": int(len(t)),
+        "n_fake": n_fake,
+        "n_real": n_real,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_set_arguments(p)  # the sets, --weights, --whole, --val-fraction, --jpeg-quality, ... as validate.py
+    p.add_argument("--rule", choices=RULES, default="balanced",
+                   help="balanced: best (TPR+TNR)/2; fpr: lowest threshold with FPR <= --fpr (default: balanced)")
+    p.add_argument("--fpr", type=float, default=None, metavar="RATE",
+                   help=f"target false-positive rate of --rule fpr, in (0, 1) (default: {DEFAULT_FPR})")
+    p.add_argument("--dry-run", action="store_true", help="print the choice, leave the manifest unchanged")
+    return p
+
+
+def _part(name: str, args: argparse.Namespace) -> str:
+    """How a set's rows were selected, in the words validate.py prints."""
+    if name.startswith("cluster_"):
+        return "held-out cluster"
+    return "all rows" if args.whole else f"validation part ({args.val_fraction:.0%} of groups)"
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    if args.fpr is not None and args.rule != "fpr":
+        raise ThresholdError("--fpr sets the target of --rule fpr; add --rule fpr (or leave --fpr out)")
+    if args.fpr is not None and not 0.0 < args.fpr < 1.0:
+        raise ThresholdError(f"--fpr must lie strictly between 0 and 1, got {args.fpr:g}")
+    target_fpr = (DEFAULT_FPR if args.fpr is None else args.fpr) if args.rule == "fpr" else None
+    sets = evaluation_sets(args)
+    ensemble = load_ensemble(args.weights, args.device)
+    previous = ensemble.threshold
+    targets, probs, described = {}, {}, []
+    for name, df in sets.items():
+        t, expert_probs = score_labelled(ensemble, df, args.jpeg_quality, args.batch_size, args.workers, args.device)
+        targets[name] = t
+        probs[name] = ensemble.combine(torch.from_numpy(expert_probs)).numpy()
+        described.append({"name": name, "part": _part(name, args), "n": int(len(t)), "n_fake": int(t.sum())})
+    all_targets, all_probs = np.concatenate(list(targets.values())), np.concatenate(list(probs.values()))
+    try:
+        chosen = choose_threshold(all_targets, all_probs, args.rule, target_fpr)
+    except ThresholdError as e:
+        counts = ", ".join(f"{d['name']} ({d['part']}): {d['n'] - d['n_fake']} real, {d['n_fake']} fake"
+                           for d in described)
+        hint = "" if args.whole else "; --whole uses every row, a larger --val-fraction more of them"
+        raise ThresholdError(f"{e} [{counts}{hint}]") from None
+
+    target = f", target FPR {target_fpr:g}" if target_fpr is not None else ""
+    print(f"threshold {chosen['value']:.6f} (rule {args.rule}{target}) on {chosen['n']} images "
+          f"({chosen['n_fake']} fake, {chosen['n_real']} real), JPEG {args.jpeg_quality}: "
+          f"TPR {chosen['tpr']:.4f}, FPR {chosen['fpr']:.4f}, balanced accuracy {chosen['balanced_accuracy']:.4f}")
+    for d in described:
+        fake = probs[d["name"]] >= chosen["value"]
+        t = targets[d["name"]].astype(bool)
+        rates = "  ".join(f"{label} {fake[mask].mean():.4f}" for label, mask in (("TPR", t), ("FPR", ~t)) if mask.any())
+        print(f"  {d['name']} ({d['part']}): {d['n']} images, {rates}")
+    if target_fpr is not None and target_fpr < 1.0 / chosen["n_real"]:
+        print(f"note: {chosen['n_real']} real images measure the FPR in steps of {1.0 / chosen['n_real']:.2g}; "
+              f"a target of {target_fpr:g} asks for no false positive at all here", file=sys.stderr)
+
+    entry = {
+        **chosen,
+        "set": "; ".join(f"{d['name']} ({d['part']})" for d in described),
+        "sets": described,
+        "jpeg_quality": args.jpeg_quality,
+        "command": command,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest = Path(args.weights) / MANIFEST
+    if args.dry_run:
+        print(f"dry run: {manifest} left unchanged (threshold {previous:g})")
+    else:
+        set_threshold(args.weights, entry)
+        print(f"recorded in {manifest} (was {previous:g}); infer.py now calls an image fake at "
+              f"probability >= {chosen['value']:.6f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["python", "evaluation/threshold.py", *argv])
+    try:
+        return run(args, command)
+    except (ThresholdError, LabelsError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The decision threshold: chosen on labelled data, recorded in the manifest, used for infer.py's verdict."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import infer
+from evaluation.threshold import ThresholdError, choose_threshold
+from evaluation.threshold import main as threshold_main
+from experts import Ensemble, WeightsError, create_expert, load_ensemble, read_manifest, save_ensemble
+from experts.weights import set_threshold
+from tests.conftest import ROOT, write_labelled_set
+
+# Six images: by descending score F F R R F R (F = fake, 1).
+TARGETS = [0, 0, 0, 1, 1, 1]
+PROBS = [0.1, 0.4, 0.35, 0.8, 0.3, 0.9]
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    torch.manual_seed(0)
+    return save_ensemble({"eff": create_expert("test_efficientnet")}, tmp_path / "weights")
+
+
+# ------------------------------------------------------------------------------------ choose_threshold
+def test_balanced_rule_maximises_balanced_accuracy():
+    # thresholds 0.9, 0.8, 0.4, 0.35, 0.3, 0.1 give balanced accuracies 4/6, 5/6, 4/6, 3/6, 4/6, 3/6
+    chosen = choose_threshold(TARGETS, PROBS)
+    assert chosen == {"value": 0.8, "rule": "balanced", "target_fpr": None, "tpr": pytest.approx(2 / 3),
+                      "fpr": 0.0, "balanced_accuracy": pytest.approx(5 / 6), "n": 6, "n_fake": 3, "n_real": 3}
+
+
+def test_balanced_rule_is_not_pulled_by_the_majority_class():
+    # Nine fakes at 0.6..0.9 and one real at 0.7: plain accuracy would call everything fake (0.9);
+    # balanced accuracy cuts above the real image.
+    targets = [1] * 9 + [0]
+    probs = [0.6, 0.61, 0.62, 0.63, 0.64, 0.75, 0.8, 0.85, 0.9, 0.7]
+    chosen = choose_threshold(targets, probs)
+    assert chosen["value"] == 0.75 and chosen["fpr"] == 0.0 and chosen["tpr"] == pytest.approx(4 / 9)
+
+
+def test_fpr_rule_takes_the_lowest_threshold_within_the_target():
+    loose = choose_threshold(TARGETS, PROBS, rule="fpr", target_fpr=0.34)
+    assert (loose["value"], loose["tpr"], loose["fpr"]) == (0.4, pytest.approx(2 / 3), pytest.approx(1 / 3))
+    assert loose["rule"] == "fpr" and loose["target_fpr"] == 0.34
+    assert choose_threshold(TARGETS, PROBS, rule="fpr", target_fpr=0.1)["value"] == 0.8
+    looser = choose_threshold(TARGETS, PROBS, rule="fpr", target_fpr=0.7)
+    assert (looser["value"], looser["tpr"], looser["fpr"]) == (0.3, 1.0, pytest.approx(2 / 3))
+    # exactly on the target counts as within it
+    assert choose_threshold(TARGETS, PROBS, rule="fpr", target_fpr=1 / 3)["value"] == 0.4
+
+
+def test_a_score_equal_to_the_threshold_is_fake():
+    chosen = choose_threshold([0, 1, 1], [0.2, 0.5, 0.5])
+    assert chosen["value"] == 0.5 and chosen["tpr"] == 1.0 and chosen["fpr"] == 0.0
+
+
+def test_impossible_choices_are_explained():
+    with pytest.raises(ThresholdError, match="needs both classes; got 0 real and 3 fake"):
+        choose_threshold([1, 1, 1], [0.1, 0.5, 0.9])
+    with pytest.raises(ThresholdError, match="needs both classes"):
+        choose_threshold([0, 0], [0.1, 0.5], rule="fpr", target_fpr=0.1)
+    for bad in (None, 0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ThresholdError, match=r"in \(0, 1\)"):
+            choose_threshold(TARGETS, PROBS, rule="fpr", target_fpr=bad)
+    with pytest.raises(ThresholdError, match="fpr rule only"):
+        choose_threshold(TARGETS, PROBS, rule="balanced", target_fpr=0.1)
+    with pytest.raises(ThresholdError, match="unknown rule"):
+        choose_threshold(TARGETS, PROBS, rule="accuracy")
+    with pytest.raises(ThresholdError, match="top score"):  # the best-scored image is real
+        choose_threshold([0, 1], [0.9, 0.5], rule="fpr", target_fpr=0.01)
+    with pytest.raises(ThresholdError, match=r"finite numbers in \[0, 1\]"):
+        choose_threshold([0, 1], [np.nan, 0.5])
+    with pytest.raises(ThresholdError, match="one length"):
+        choose_threshold([0, 1, 1], [0.1, 0.5])
+
+
+# ------------------------------------------------------------------------- the manifest and the ensemble
+def test_set_threshold_round_trips_through_load_ensemble(tiny_weights):
+    before = read_manifest(tiny_weights)
+    mode = (tiny_weights / "manifest.json").stat().st_mode
+    assert load_ensemble(tiny_weights).threshold == 0.5  # folders without one keep working
+    set_threshold(tiny_weights, {"value": 0.3, "rule": "balanced", "target_fpr": None, "set": "x", "n": 6})
+    ensemble = load_ensemble(tiny_weights)
+    assert ensemble.threshold == 0.3
+    assert ensemble.verdict(0.3) == "fake" and ensemble.verdict(0.2999) == "real"
+    after = read_manifest(tiny_weights)
+    assert after.pop("threshold")["set"] == "x" and after == before  # sha256 entries and the rest untouched
+    assert (tiny_weights / "manifest.json").stat().st_mode == mode
+    set_threshold(tiny_weights, {"value": 0.75, "rule": "fpr", "target_fpr": 0.01, "set": "y", "n": 9})
+    assert load_ensemble(tiny_weights).threshold == 0.75 and read_manifest(tiny_weights)["threshold"]["n"] == 9
+    assert sorted(p.name for p in tiny_weights.iterdir()) == ["eff", "manifest.json"]  # no temp file left
+
+
+def test_bad_thresholds_are_refused_naming_the_manifest(tiny_weights):
+    manifest = tiny_weights / "manifest.json"
+    original = manifest.read_text()
+    with pytest.raises(WeightsError, match=r"manifest.json: \"threshold\": .*finite number in \[0, 1\]"):
+        set_threshold(tiny_weights, {"value": 1.5})
+    assert manifest.read_text() == original  # refused before writing
+    for bad in ('{"value": -0.1}', '{"value": NaN}', '{"value": "high"}', '{"value": true}', '{"rule": "fpr"}',
+                '0.3'):
+        data = json.loads(original)
+        data["threshold"] = json.loads(bad)
+        manifest.write_text(json.dumps(data))
+        with pytest.raises(WeightsError, match=r"manifest.json: \"threshold\""):
+            load_ensemble(tiny_weights)
+    with pytest.raises(ValueError, match=r"threshold must be a finite number in \[0, 1\]"):
+        Ensemble({"eff": create_expert("test_efficientnet")}, threshold=float("inf"))
+
+
+# ---------------------------------------------------------------------------------------------- infer.py
+def test_infer_prints_the_verdict_of_the_stored_threshold(tiny_weights, tmp_path, capsys):
+    images = write_labelled_set(tmp_path / "imgs", n=3).parent / "images"
+    args = [str(images), "--weights", str(tiny_weights), "--quiet", "--per-expert"]
+    set_threshold(tiny_weights, {"value": 0.0, "rule": "balanced"})
+    assert infer.main(args) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [r[1:3] for r in rows] == [["fake", f"{i:03d}.jpg"] for i in range(3)]
+    assert all(len(r) == 4 and r[0] == r[3] for r in rows)  # the expert's column stays after the name
+    set_threshold(tiny_weights, {"value": 1.0, "rule": "balanced"})
+    assert infer.main(args) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [r[1] for r in rows] == ["real" if float(r[0]) < 1.0 else "fake" for r in rows] == ["real"] * 3
+    out = tmp_path / "sub.csv"  # the submission holds no verdict
+    assert infer.main([str(images), "--weights", str(tiny_weights), "--quiet", "--submission", str(out)]) == 0
+    assert list(pd.read_csv(out).columns) == ["img_name", "y_pred"]
+
+
+# ------------------------------------------------------------------------------------------ the command
+def test_command_chooses_and_records_a_threshold(tiny_weights, labelled_csv, capsys):
+    result = subprocess.run([sys.executable, "evaluation/threshold.py", str(labelled_csv), "--whole",
+                             "--weights", str(tiny_weights)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    entry = read_manifest(tiny_weights)["threshold"]
+    assert entry["rule"] == "balanced" and entry["target_fpr"] is None and entry["n"] == 16
+    assert entry["n_fake"] == 8 and entry["n_real"] == 8 and entry["jpeg_quality"] == 75
+    assert entry["set"] == f"{labelled_csv} (all rows)"
+    assert entry["command"] == f"python evaluation/threshold.py {labelled_csv} --whole --weights {tiny_weights}"
+    assert f"threshold {entry['value']:.6f} (rule balanced) on 16 images (8 fake, 8 real)" in result.stdout
+    assert f"balanced accuracy {entry['balanced_accuracy']:.4f}" in result.stdout
+    assert load_ensemble(tiny_weights).threshold == entry["value"]
+
+    # a dry run prints its choice and leaves the manifest alone
+    before = (tiny_weights / "manifest.json").read_text()
+    assert threshold_main([str(labelled_csv), "--whole", "--weights", str(tiny_weights), "--rule", "fpr",
+                           "--fpr", "0.25", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "(rule fpr, target FPR 0.25) on 16 images" in out and "dry run" in out
+    assert (tiny_weights / "manifest.json").read_text() == before
+
+
+def test_command_errors_are_clear(tiny_weights, tmp_path, capsys):
+    csv = write_labelled_set(tmp_path / "set", n=4)
+    fakes_only = tmp_path / "set" / "fakes.csv"
+    pd.read_csv(csv).query("target == 1").to_csv(fakes_only, index=False)
+    before = (tiny_weights / "manifest.json").read_text()
+    assert threshold_main([str(fakes_only), "--whole", "--weights", str(tiny_weights)]) == 2
+    err = capsys.readouterr().err
+    assert "needs both classes; got 0 real and 2 fake images" in err and "fakes.csv (all rows)" in err
+    for bad in (["--rule", "fpr", "--fpr", "1.5"], ["--rule", "fpr", "--fpr", "0"]):
+        assert threshold_main([str(csv), "--whole", "--weights", str(tiny_weights), *bad]) == 2
+        assert "--fpr must lie strictly between 0 and 1" in capsys.readouterr().err
+    assert threshold_main([str(csv), "--whole", "--weights", str(tiny_weights), "--fpr", "0.1"]) == 2
+    assert "add --rule fpr" in capsys.readouterr().err
+    assert (tiny_weights / "manifest.json").read_text() == before
