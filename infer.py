@@ -43,7 +43,7 @@ from tqdm import tqdm
 from data_prep.images import ImageLoadError, is_image_file, load_image
 from data_prep.labels import LabelsError, read_labels
 from evaluation.scoring import Score, score_batches
-from experts import Ensemble, WeightsError, load_ensemble, sha256_file
+from experts import Ensemble, WeightsError, load_ensemble, read_manifest, scores_fingerprint
 from experts.device import DeviceError, resolve_device
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -223,7 +223,7 @@ def score_to_submission(args: argparse.Namespace, items: Items, ensemble: Ensemb
         twice = pd.Index(names)[pd.Index(names).duplicated()][0]
         raise SourceError(f"{twice}: listed twice in the input; a submission needs each img_name once")
     columns = ["img_name", "y_pred", *(ensemble.names if args.per_expert else [])]
-    weights_id = sha256_file(Path(args.weights) / "manifest.json")[:16]
+    weights_id = scores_fingerprint(read_manifest(args.weights))
     stamp = f"# partial results of infer.py: weights {weights_id}, crop_faces {args.crop_faces}"
     if partial.exists() and not args.resume:
         raise SourceError(f"{partial}: holds the results of an interrupted run; pass --resume to continue it "

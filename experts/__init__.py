@@ -8,9 +8,10 @@ from . import clip, convnext, efficientnet  # noqa: F401  (registers the variant
 from .base import Expert, ExpertConfig
 from .ensemble import Ensemble
 from .registry import build_from_config, create_expert, list_experts, register_expert
-from .weights import WeightsError, load_ensemble, read_manifest, save_ensemble, sha256_file
+from .weights import WeightsError, load_ensemble, read_manifest, save_ensemble, scores_fingerprint, sha256_file
 
 __all__ = [
     "Expert", "ExpertConfig", "Ensemble", "WeightsError", "build_from_config", "create_expert",
-    "list_experts", "load_ensemble", "read_manifest", "register_expert", "save_ensemble", "sha256_file",
+    "list_experts", "load_ensemble", "read_manifest", "register_expert", "save_ensemble", "scores_fingerprint",
+    "sha256_file",
 ]

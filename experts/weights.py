@@ -173,6 +173,15 @@ def _verified(folder: Path, relative: str, expected_sha256: str) -> Path:
     return path
 
 
+def scores_fingerprint(manifest: Mapping[str, Any]) -> str:
+    """A short id of what the scores depend on: each expert's file hash and weight, not the threshold.
+
+    ``infer.py --resume`` compares it, so re-choosing the threshold does not void a half-scored submission.
+    """
+    parts = [(e["key"], e["sha256"], e.get("config_sha256"), float(e.get("weight", 1.0))) for e in manifest["experts"]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def load_expert(folder: str | Path, entry: Mapping[str, Any]) -> Expert:
     """Rebuild one expert of a weights folder from its verified config and weights (float32, eval mode)."""
     folder = Path(folder)

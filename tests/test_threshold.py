@@ -13,7 +13,8 @@ import torch
 import infer
 from evaluation.threshold import ThresholdError, choose_threshold
 from evaluation.threshold import main as threshold_main
-from experts import Ensemble, WeightsError, create_expert, load_ensemble, read_manifest, save_ensemble
+from experts import (Ensemble, WeightsError, create_expert, load_ensemble, read_manifest, save_ensemble,
+                     scores_fingerprint)
 from experts.weights import set_threshold
 from tests.conftest import ROOT, write_labelled_set
 
@@ -96,6 +97,15 @@ def test_set_threshold_round_trips_through_load_ensemble(tiny_weights):
     set_threshold(tiny_weights, {"value": 0.75, "rule": "fpr", "target_fpr": 0.01, "set": "y", "n": 9})
     assert load_ensemble(tiny_weights).threshold == 0.75 and read_manifest(tiny_weights)["threshold"]["n"] == 9
     assert sorted(p.name for p in tiny_weights.iterdir()) == ["eff", "manifest.json"]  # no temp file left
+
+
+def test_a_new_threshold_keeps_the_scores_fingerprint_that_resume_checks(tiny_weights):
+    before = scores_fingerprint(read_manifest(tiny_weights))
+    set_threshold(tiny_weights, {"value": 0.3, "rule": "balanced"})
+    assert scores_fingerprint(read_manifest(tiny_weights)) == before
+    manifest = read_manifest(tiny_weights)
+    manifest["experts"][0]["weight"] = 2.0
+    assert scores_fingerprint(manifest) != before
 
 
 def test_bad_thresholds_are_refused_naming_the_manifest(tiny_weights):
