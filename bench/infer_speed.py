@@ -1,76 +1,328 @@
-"""Inference speed and peak memory of a weights folder (default: the shipped model) on CPU or GPU.
+"""Inference speed and peak memory of the default ensemble against the original solution's, on the same images.
 
-    python bench/infer_speed.py                          # batch 1 and 32 on CPU, default weights
-    python bench/infer_speed.py --batch-sizes 1 8 64 --device cuda --images 512
+    python bench/infer_speed.py                          # CPU: default weights at batch 1 and 32, original at 4
+    python bench/infer_speed.py --no-original --batch-sizes 1 8 64 --device cuda --images 512
+    python bench/infer_speed.py --images 4 --original-images 1 --batch-sizes 1 --original-batch-size 1 --threads 1
 
-Each batch size runs in a fresh process, so that its peak resident memory (ru_maxrss) is its own. The
-timing covers the whole scoring path of ``infer.py``: decoding, resizing and the ensemble's forward pass,
-on real images from ``../shared/data`` when present (else the ``demo/`` images, repeated).
+Two models are measured, each described by a :class:`ModelSpec`:
+
+* **default**: a weights folder (``weights/``, or ``--weights``), loaded as ``infer.py`` loads it.
+* **original**: the original competition solution's 7 timm experts, 2x ConvNeXtV2-tiny, 2x EfficientNet-B4,
+  2x EfficientNet-B5 and 1x EfficientNet-B6, all at 512x512 input. Their list is read from
+  ``train/configs/original.yaml`` (one source of truth with the training recipe), keeping the registry
+  overrides of each entry and dropping what only matters to training (``pretrained``, ``fold``, ``weight``,
+  ``lr_scale``). That config also holds a CLIP ViT-L/14 expert with a LIB head, a later addition of this
+  project and no part of the 7-expert solution being compared, so only the timm families (ConvNeXt and
+  EfficientNet) are kept. The experts are built with **random weights** (``pretrained=False``): speed and
+  memory depend on the architecture and input size, not on the weights' values, and nothing is downloaded.
+
+Every (model, batch size) runs in a fresh spawned process, so that its peak resident memory (``ru_maxrss``,
+which only ever grows within a process) and its peak GPU memory are that run's alone, not the largest model
+measured so far. The timing covers the whole scoring path of ``infer.py`` (``evaluation.scoring.score_images``:
+decoding, resizing and the ensemble's forward pass), after one warm-up batch, on real images from
+``../shared/data`` when present (else the ``demo/`` images, repeated), or ``--image-dir``. Both models score the
+same image list; the original, about 0.2 images/s on a 2-core CPU, scores only its first ``--original-images``.
+
+The ratio line compares the fastest run of each model (the batch sizes it used are named in the line).
+On a CPU shared with other work (a training job), pass ``--threads 1``: torch's OpenMP threads, one per core
+by default, then wait on each other and can make a small model tens of times slower than it is.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import sys
 import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+ORIGINAL_CONFIG = ROOT / "train" / "configs" / "original.yaml"
+# The original solution's experts are timm backbones; anything else in the config (CLIP) is not part of it.
+ORIGINAL_FAMILIES = ("convnext", "efficientnet")
+ORIGINAL_INPUT_SIZE = 512
+# Keys of a training config's expert entry that do not change the network (see train/joint.py build_experts).
+TRAINING_ONLY_KEYS = ("pretrained", "fold", "weight", "lr_scale")
 
-def sample_images(n: int) -> list[str]:
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert to build with random weights: registry ``name``, ensemble ``key``, ExpertConfig overrides."""
+
+    name: str
+    key: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def build(self):
+        from experts import create_expert
+
+        return create_expert(self.name, pretrained=False, **self.overrides)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to measure: a weights folder (``weights``) or experts built at random (``experts``), never both.
+
+    A spec, not a model, crosses to the measuring process: it is small to pickle, and the model's memory is
+    then allocated in the process whose peak is measured.
+    """
+
+    label: str
+    weights: str | None = None
+    experts: tuple[ExpertSpec, ...] = ()
+    origin: str = ""  # where ``experts`` were read from, for the report
+
+    def __post_init__(self) -> None:
+        if (self.weights is None) == (not self.experts):
+            raise ValueError(f"{self.label}: give either a weights folder or a list of experts")
+
+    def build(self, device: str):
+        """The :class:`experts.Ensemble`, on ``device``, channels-last and in eval mode as ``load_ensemble`` gives."""
+        import torch
+
+        from experts import Ensemble, load_ensemble
+
+        if self.weights is not None:
+            return load_ensemble(self.weights, device)
+        torch.manual_seed(0)
+        keys = [e.key for e in self.experts]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"{self.label}: expert keys must be unique, got {keys}")
+        ensemble = Ensemble({e.key: e.build() for e in self.experts})
+        return ensemble.to(device, memory_format=torch.channels_last).eval()
+
+    def source(self) -> str:
+        if self.weights is not None:
+            return self.weights
+        return f"random weights, experts from {self.origin}" if self.origin else "random weights"
+
+
+def original_spec(config: str | Path = ORIGINAL_CONFIG, label: str = "original") -> ModelSpec:
+    """The original solution's timm experts from a training config, at 512 px, to build with random weights.
+
+    Each entry's family is read from the expert itself, built on the ``meta`` device (no memory, about a
+    second for all): the registry, not a name pattern, says which experts are timm ConvNeXt/EfficientNet.
+    The input size is set to 512 whatever the registry's default, since that is the configuration compared.
+    """
+    import torch
+    import yaml
+
+    from experts import create_expert
+
+    entries = yaml.safe_load(Path(config).read_text())["experts"]
+    specs = []
+    for entry in entries:
+        entry = dict(entry)
+        name = entry.pop("name")
+        key = entry.pop("key", name)
+        for training_only in TRAINING_ONLY_KEYS:
+            entry.pop(training_only, None)
+        with torch.device("meta"):
+            family = create_expert(name, pretrained=False, **entry).config.family
+        if family in ORIGINAL_FAMILIES:
+            specs.append(ExpertSpec(name, key, {**entry, "input_size": ORIGINAL_INPUT_SIZE}))
+    if not specs:
+        raise ValueError(f"{config}: no {'/'.join(ORIGINAL_FAMILIES)} experts")
+    return ModelSpec(label, experts=tuple(specs), origin=f"{config} ({'/'.join(ORIGINAL_FAMILIES)} only)")
+
+
+@dataclass
+class Result:
+    """One measured run: a model at one batch size."""
+
+    label: str
+    source: str
+    experts: list[str]
+    input_sizes: list[int]
+    batch_size: int
+    images: int
+    images_per_s: float
+    peak_rss_mib: float
+    peak_gpu_mib: float | None
+    threads: int = 0
+
+
+def sample_images(n: int, folder: str | Path | None = None) -> list[str]:
+    """``n`` image paths from ``folder`` (default: the shared DFDC faces, else ``demo/``), repeated if needed."""
     from data_prep.images import is_image_file
 
-    shared = ROOT.parent / "shared" / "data" / "dfdc_faces" / "images"
-    pool = sorted(p for p in (shared.iterdir() if shared.is_dir() else ROOT.joinpath("demo").iterdir())
-                  if is_image_file(p))
+    if folder is None:
+        shared = ROOT.parent / "shared" / "data" / "dfdc_faces" / "images"
+        folder = shared if shared.is_dir() else ROOT / "demo"
+    pool = sorted(p for p in Path(folder).iterdir() if is_image_file(p))
+    if not pool:
+        raise SystemExit(f"error: no images in {folder}")
     return [str(pool[i % len(pool)]) for i in range(n)]
 
 
-def measure(weights: str, batch_size: int, n_images: int, device: str, queue: mp.Queue) -> None:
-    import torch
+def measure(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str, queue: mp.Queue,
+            threads: int | None = None) -> None:
+    """Build ``spec``, score ``paths`` once (after a warm-up batch) and put a :class:`Result` on ``queue``.
 
-    from evaluation.scoring import score_images
-    from experts import load_ensemble
+    Runs in a process of its own (see :func:`run_spec`); any exception goes on the queue as text instead.
+    ``threads`` sets torch's CPU threads (default: torch's own choice, one per core).
+    """
+    try:
+        import torch
 
-    ensemble = load_ensemble(weights, device)
-    paths = sample_images(n_images)
-    list(score_images(ensemble, paths[: 2 * batch_size], batch_size=batch_size, device=device, progress=False))
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    scores = list(score_images(ensemble, paths, batch_size=batch_size, device=device, progress=False))
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan")
-    queue.put((len(scores) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu_mib))
+        from evaluation.scoring import score_images
+
+        if threads:
+            torch.set_num_threads(threads)
+
+        cuda = device.startswith("cuda")
+        ensemble = spec.build(device)
+        # One warm-up batch: allocator, oneDNN/cuDNN kernel choices and lazy imports are paid before the clock.
+        list(score_images(ensemble, paths[:batch_size], batch_size=batch_size, device=device, progress=False))
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        scores = list(score_images(ensemble, paths, batch_size=batch_size, device=device, progress=False))
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        queue.put(Result(
+            label=spec.label, source=spec.source(),
+            experts=[e.config.name for e in ensemble.experts.values()], input_sizes=ensemble.input_sizes,
+            batch_size=batch_size, images=len(scores), images_per_s=len(scores) / seconds,
+            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            threads=torch.get_num_threads(),
+        ))
+    except BaseException:  # noqa: BLE001  (reported by the parent, which would otherwise wait forever)
+        queue.put(traceback.format_exc())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=str(ROOT / "weights"))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--images", type=int, default=256, help="images scored per batch size")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    import torch
-
-    print(f"weights: {args.weights}; device: {args.device}; torch threads: {torch.get_num_threads()}; "
-          f"{args.images} images per run")
-    print(f"{'batch':>6} {'images/s':>9} {'peak RSS MiB':>13} {'peak GPU MiB':>13}")
+def run_spec(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str,
+             threads: int | None = None) -> Result:
+    """:func:`measure` in a fresh spawned process, so its peak memory is its own; errors are re-raised here."""
     ctx = mp.get_context("spawn")
-    for batch_size in args.batch_sizes:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=measure, args=(args.weights, batch_size, args.images, args.device, queue))
-        proc.start()
-        rate, rss, gpu = queue.get()
+    queue = ctx.Queue()
+    proc = ctx.Process(target=measure, args=(spec, list(paths), batch_size, device, queue, threads))
+    proc.start()
+    try:
+        while True:
+            try:
+                outcome = queue.get(timeout=1.0)
+                break
+            except queue_module.Empty:
+                if not proc.is_alive() and queue.empty():
+                    raise RuntimeError(f"{spec.label} at batch {batch_size}: the measuring process died "
+                                       f"(exit code {proc.exitcode}; killed for memory?)") from None
+    finally:
         proc.join()
-        print(f"{batch_size:>6} {rate:>9.1f} {rss:>13.0f} {gpu:>13.0f}")
+    if isinstance(outcome, str):
+        raise RuntimeError(f"{spec.label} at batch {batch_size} failed in the measuring process:\n{outcome}")
+    return outcome
+
+
+def run_benchmark(plan: Sequence[tuple[ModelSpec, Sequence[int], Sequence[str]]], device: str,
+                  threads: int | None = None, log=print) -> list[Result]:
+    """Measure each (spec, batch sizes, image paths) of ``plan``; one spawned process per batch size."""
+    results = []
+    for spec, batch_sizes, paths in plan:
+        for batch_size in batch_sizes:
+            log(f"measuring {spec.label} at batch {batch_size} on {len(paths)} images ...")
+            results.append(run_spec(spec, paths, batch_size, device, threads))
+    return results
+
+
+def _composition(names: Sequence[str]) -> str:
+    return ", ".join(f"{n}x {name}" for name, n in Counter(names).items())
+
+
+def _rate(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.3g}x" if b > 0 else "n/a"
+
+
+def ratio_line(results: Sequence[Result], default: str = "default", original: str = "original") -> str | None:
+    """``default`` against ``original``: the fastest run of each, speed-up and memory ratios (None if one is absent)."""
+    fastest = {}
+    for label in (default, original):
+        runs = [r for r in results if r.label == label]
+        if not runs:
+            return None
+        fastest[label] = max(runs, key=lambda r: r.images_per_s)
+    d, o = fastest[default], fastest[original]
+    parts = [f"{_ratio(d.images_per_s, o.images_per_s)} the images/s",
+             f"{_ratio(d.peak_rss_mib, o.peak_rss_mib)} the peak RSS"]
+    if d.peak_gpu_mib is not None and o.peak_gpu_mib is not None:
+        parts.append(f"{_ratio(d.peak_gpu_mib, o.peak_gpu_mib)} the peak GPU memory")
+    return (f"{default} vs {original} (fastest run of each: batch {d.batch_size} vs batch {o.batch_size}): "
+            + ", ".join(parts))
+
+
+def report(results: Sequence[Result]) -> str:
+    """What each model is, a Markdown table of the runs and the ratio line."""
+    from tabulate import tabulate
+
+    lines, seen = [], set()
+    for r in results:
+        if r.label not in seen:
+            seen.add(r.label)
+            lines.append(f"{r.label}: {r.source}; {_composition(r.experts)}")
+    rows = [[r.label, len(r.experts), "/".join(map(str, r.input_sizes)), r.batch_size, _rate(r.images_per_s),
+             f"{r.peak_rss_mib:.0f}", None if r.peak_gpu_mib is None else f"{r.peak_gpu_mib:.0f}"]
+            for r in results]
+    headers = ["model", "experts", "input px", "batch", "images/s", "peak RSS MiB", "peak GPU MiB"]
+    lines += ["", tabulate(rows, headers, tablefmt="github", missingval="-", disable_numparse=True)]
+    ratios = ratio_line(results)
+    if ratios:
+        lines += ["", ratios]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, original: ModelSpec | None = None) -> int:
+    """The CLI. ``original`` replaces the spec read from ``--original-config`` (tests pass tiny experts)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=str(ROOT / "weights"), help="the default ensemble's weights folder")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="batch sizes of the default")
+    parser.add_argument("--images", type=int, default=256, help="images scored per run of the default")
+    parser.add_argument("--image-dir", default=None,
+                        help="images to score (default: ../shared/data/dfdc_faces/images, else demo/)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads in each measuring process (default: torch's, one per core); "
+                             "on a machine busy with other work, 1 avoids OpenMP threads waiting on each other")
+    parser.add_argument("--no-original", action="store_true", help="measure the default ensemble only")
+    parser.add_argument("--original-config", default=str(ORIGINAL_CONFIG),
+                        help="training config listing the original experts (its timm experts are kept)")
+    parser.add_argument("--original-batch-size", dest="original_batch_sizes", type=int, nargs="+", default=[4],
+                        help="batch size(s) of the original")
+    parser.add_argument("--original-images", type=int, default=None,
+                        help="images scored per run of the original: the first N of the default's list "
+                             "(default: 8 on CPU, --images on GPU)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if (min(args.batch_sizes + args.original_batch_sizes) < 1 or args.images < 1
+            or (args.original_images is not None and args.original_images < 1)
+            or (args.threads is not None and args.threads < 1)):
+        parser.error("batch sizes, image counts and threads must be positive")
+    n_original = args.original_images or (8 if args.device == "cpu" else args.images)
+    paths = sample_images(max(args.images, n_original), args.image_dir)
+    plan = [(ModelSpec("default", weights=args.weights), args.batch_sizes, paths[:args.images])]
+    if not args.no_original:
+        plan.append((original or original_spec(args.original_config), args.original_batch_sizes, paths[:n_original]))
+
+    print(f"device: {args.device}; torch threads: {args.threads or torch.get_num_threads()}; images per run: "
+          + ", ".join(f"{spec.label} {len(p)}" for spec, _, p in plan), flush=True)
+    results = run_benchmark(plan, args.device, args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(report(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
