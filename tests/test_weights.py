@@ -186,3 +186,15 @@ def test_merge_runs_into_one_ensemble(tmp_path):
     assert [r["training"]["run"] for r in read_manifest(tmp_path / "m")["merged_from"]] == ["a", "b"]
     assert merge_main([str(a), str(a), "--out", str(tmp_path / "m2")]) == 2  # the key "eff" twice
     assert merge_main([str(a), "--out", str(tmp_path / "m")]) == 2  # exists, no --overwrite
+
+
+def test_merge_keeps_only_the_chosen_experts(tmp_path, capsys):
+    from train.merge import main as merge_main
+
+    torch.manual_seed(0)
+    both = save_ensemble({"eff": create_expert("test_efficientnet"), "cnx": create_expert("test_convnext")},
+                         tmp_path / "both")
+    assert merge_main([str(both), "--keep", "cnx", "--out", str(tmp_path / "k")]) == 0
+    assert load_ensemble(tmp_path / "k").names == ["cnx"]
+    assert merge_main([str(both), "--keep", "clip", "--out", str(tmp_path / "k2")]) == 2
+    assert "--keep ['clip']: no such expert; the folders hold ['cnx', 'eff']" in capsys.readouterr().err

@@ -2,6 +2,9 @@
 
     python train/merge.py runs/lite0/weights runs/lite1/weights --out weights
     python train/merge.py runs/a/weights runs/b/weights --out weights --weight 2 1 --overwrite
+    python train/merge.py runs/recipe/weights --keep efficientnet_lite0 convnext_atto --out weights
+
+``--keep`` ships only the experts that earn their place (``evaluation/ensembles.py`` says which).
 
 Experts trained in separate runs (a new backbone added to a shipped ensemble, or runs too long to train
 together on one machine) are averaged like jointly trained ones. Every input is verified (sha256) when
@@ -20,10 +23,19 @@ from experts import Expert, WeightsError, read_manifest, save_ensemble
 from experts.weights import load_expert
 
 
-def merge_weights(folders: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
-    """Write the experts of ``folders`` (in order) as one weights folder; keys must not collide."""
+def merge_weights(folders: list[str | Path], out: str | Path, weights: list[float] | None = None,
+                  keep: list[str] | None = None) -> Path:
+    """Write the experts of ``folders`` (in order) as one weights folder; keys must not collide.
+
+    ``keep``: only these expert keys (every one must exist in some folder); default all.
+    """
     if weights is not None and len(weights) != len(folders):
         raise ValueError(f"{len(weights)} weights given for {len(folders)} folders")
+    if keep is not None:
+        available = {e["key"] for folder in folders for e in read_manifest(folder)["experts"]}
+        unknown = sorted(set(keep) - available)
+        if unknown:
+            raise ValueError(f"--keep {unknown}: no such expert; the folders hold {sorted(available)}")
     experts: dict[str, Expert] = {}
     ensemble_weights, records, expert_metadata = {}, [], {}
     for i, folder in enumerate(folders):
@@ -32,6 +44,8 @@ def merge_weights(folders: list[str | Path], out: str | Path, weights: list[floa
                         "val_metrics": manifest.get("val_metrics")})
         for entry in manifest["experts"]:
             key = entry["key"]
+            if keep is not None and key not in keep:
+                continue
             if key in experts:
                 raise WeightsError(f"{folder}: expert key {key!r} is already taken by an earlier folder")
             experts[key] = load_expert(folder, entry)
@@ -46,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folders", nargs="+", help="weights folders written by train/joint.py")
     p.add_argument("--out", required=True, help="the merged weights folder")
     p.add_argument("--weight", type=float, nargs="+", help="one ensemble weight per input folder (default: 1)")
+    p.add_argument("--keep", nargs="+", metavar="KEY", help="only these experts (default: every expert)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
     if Path(args.out).exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     try:
-        out = merge_weights(args.folders, args.out, args.weight)
+        out = merge_weights(args.folders, args.out, args.weight, args.keep)
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
