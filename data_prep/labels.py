@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -82,3 +83,19 @@ def split_by_group(df: pd.DataFrame, val_fraction: float, salt: str = "") -> tup
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     is_val = df["group"].map(lambda g: group_fold(salt + str(g)) < round(val_fraction * 100))
     return df[~is_val].reset_index(drop=True), df[is_val].reset_index(drop=True)
+
+
+def read_splits(path: str | Path, required: Sequence[str] = ()) -> pd.DataFrame:
+    """Rows of a ``splits.csv`` written by ``data_prep/cluster.py``: ``path, target`` and ``required`` columns.
+
+    Training (fold columns) and evaluation (the ``cluster`` column) both read it through here, so the file
+    is parsed one way everywhere (names, groups and sources stay strings).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsError(f"splits file not found: {path} (write it with `python data_prep/cluster.py`)")
+    rows = pd.read_csv(path, dtype={"img_name": str, "group": str, "source": str}, keep_default_na=False)
+    missing = [c for c in ("path", "target", *required) if c not in rows.columns]
+    if missing:
+        raise LabelsError(f"{path}: not a splits file of data_prep/cluster.py (missing {missing})")
+    return rows

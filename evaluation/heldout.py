@@ -11,19 +11,15 @@ from pathlib import Path
 
 import pandas as pd
 
-REQUIRED = ("path", "target", "cluster")
+from data_prep import labels
 
 
 def read_splits(path: str | Path) -> pd.DataFrame:
-    """Rows of a splits file (``path, target, cluster, labels_csv, ...``), checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: splits file not found: {path} (write it with `python data_prep/cluster.py`)")
-    rows = pd.read_csv(path, dtype={"img_name": str, "group": str, "source": str}, keep_default_na=False)
-    missing = [c for c in REQUIRED if c not in rows.columns]
-    if missing:
-        raise SystemExit(f"error: {path}: not a splits file of data_prep/cluster.py (missing {missing})")
-    return rows
+    """Rows of a splits file with its ``cluster`` column; a bad file ends the command with its reason."""
+    try:
+        return labels.read_splits(path, required=["cluster"])
+    except labels.LabelsError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def cluster_sets(splits: str | Path, clusters: list[int]) -> dict[str, pd.DataFrame]:

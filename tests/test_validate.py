@@ -42,6 +42,11 @@ def test_held_out_clusters_are_measured_as_sets(tmp_path, labelled_csv, capsys):
         validate.main(["--splits", str(splits), "--clusters", "5", "--weights", str(weights)])
     with pytest.raises(SystemExit, match="go together"):
         validate.main([str(labelled_csv), "--clusters", "1", "--weights", str(weights)])
+    pd.read_csv(splits).drop(columns="cluster").to_csv(tmp_path / "no_cluster.csv", index=False)
+    with pytest.raises(SystemExit, match=r"not a splits file of data_prep/cluster.py \(missing \['cluster'\]\)"):
+        validate.main(["--splits", str(tmp_path / "no_cluster.csv"), "--clusters", "1", "--weights", str(weights)])
+    with pytest.raises(SystemExit, match="splits file not found"):
+        validate.main(["--splits", str(tmp_path / "nope.csv"), "--clusters", "1", "--weights", str(weights)])
     with pytest.raises(SystemExit, match="give labels CSVs"):
         validate.main(["--weights", str(weights)])
 

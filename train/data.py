@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Sampler
 
-from data_prep.labels import LabelsError, read_labels, split_by_group
+from data_prep.labels import LabelsError, read_labels, read_splits, split_by_group
 from train.config import TrainConfig
 
 BALANCE_MODES = ("none", "class", "source_class")
@@ -99,14 +99,13 @@ def expert_folds(cfg: TrainConfig, k: int) -> dict[str, int]:
 
 def _fold_splits(cfg: TrainConfig) -> Splits:
     path = Path(cfg.splits)
-    if not path.is_file():
-        raise SystemExit(f"error: splits file not found: {path} (write it with `python data_prep/cluster.py`)")
-    rows = pd.read_csv(path, dtype={"img_name": str, "group": str, "source": str}, keep_default_na=False)
+    try:
+        rows = read_splits(path)
+    except LabelsError as e:
+        raise SystemExit(f"error: {e}") from None
     fold_cols = sorted((c for c in rows.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
-    missing = {"path", "target"} - set(rows.columns)
-    if missing or not fold_cols:
-        raise SystemExit(f"error: {path}: not a splits file of data_prep/cluster.py "
-                         f"(missing {sorted(missing) or 'fold_* columns'})")
+    if not fold_cols:
+        raise SystemExit(f"error: {path}: not a splits file of data_prep/cluster.py (missing fold_* columns)")
     folds = expert_folds(cfg, len(fold_cols))
     test_rows = _test_rows(rows, cfg.test_clusters, folds, path)
     trains = {key: (rows[f"fold_{f}"] == "train").to_numpy() & ~test_rows for key, f in folds.items()}
