@@ -88,8 +88,8 @@ def plot(tables: dict[str, pd.DataFrame], path: str | Path) -> Path:
             part = table[table["degradation"] == kind]
             ax.plot(part["strength"], part["auc"], marker="o", label=name)
         ax.set(title=kind, xlabel=kind.replace("_", " "))
-        if kind == "jpeg_quality":
-            ax.invert_xaxis()  # left to right: worse
+        if kind in ("jpeg_quality", "downscale"):
+            ax.invert_xaxis()  # left to right: worse, as for blur and noise
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("AUC")
     axes[0].legend(fontsize=8)
