@@ -223,6 +223,32 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, set32):
     assert list(pd.read_csv(log)["step"]) == sorted(set(pd.read_csv(log)["step"]))  # no step logged twice
 
 
+def test_a_run_killed_during_validation_validates_that_epoch_on_resume(tmp_path, set32, monkeypatch):
+    options = dict(train=[{"csv": str(set32)}], experts=THREE_FAMILIES[:1], loss_weights={"ce": 1.0},
+                   epochs=2, steps_per_epoch=2, batch_size=2)
+    joint.main([str(write_config(tmp_path, "whole", **options))])
+
+    killed = write_config(tmp_path, "killed", **options)
+    real_evaluate = joint.evaluate
+
+    def killed_in_validation(*args, **kwargs):
+        raise KeyboardInterrupt  # the step-2 checkpoint is on disk; this epoch's validation is not
+
+    monkeypatch.setattr(joint, "evaluate", killed_in_validation)
+    with pytest.raises(KeyboardInterrupt):
+        joint.main([str(killed)])
+    monkeypatch.setattr(joint, "evaluate", real_evaluate)
+    joint.main([str(killed)])
+
+    epochs = pd.read_csv(tmp_path / "killed" / "log.csv")["epoch"].tolist()
+    assert epochs == [1, 2]  # epoch 1 was validated after the resume, not skipped
+    whole_log, killed_log = pd.read_csv(tmp_path / "whole" / "log.csv"), pd.read_csv(tmp_path / "killed" / "log.csv")
+    assert np.allclose(whole_log["score"], killed_log["score"])
+    a = load_file(str(tmp_path / "whole" / "weights" / "eff" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "weights" / "eff" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_two_process_ddp_on_cpu(tmp_path, set32):
     config = write_config(tmp_path, "ddp", train=[{"csv": str(set32)}], experts=THREE_FAMILIES[:2],
                           loss_weights={"ce": 1.0, "kl_mutual": 0.5, "nce": 0.1}, batch_size=2)

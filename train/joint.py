@@ -254,6 +254,7 @@ class Trainer:
         self.emas = {k: ExponentialMovingAverage([p for p in e.parameters() if p.requires_grad], decay=cfg.ema_decay,
                                                  use_num_updates=True) for k, e in self.experts.items()}
         self.step, self.best, self.bad_epochs = 0, -math.inf, 0
+        self.validated_step = 0  # the step of the last finished validation: a kill during one repeats it
         self.ckpt_path = self.out_dir / CHECKPOINT
         if cfg.resume and self.ckpt_path.exists():
             self.load(load_checkpoint(self.ckpt_path))
@@ -264,7 +265,7 @@ class Trainer:
         return dict(objective=self.objective.state_dict(), emas={k: m.state_dict() for k, m in self.emas.items()},
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                     scaler=self.scaler.state_dict(), rng=rng_state(), step=self.step, best=self.best,
-                    bad_epochs=self.bad_epochs, config=self.cfg.to_dict())
+                    bad_epochs=self.bad_epochs, validated_step=self.validated_step, config=self.cfg.to_dict())
 
     def load(self, state: dict[str, Any]) -> None:
         self.objective.load_state_dict(state["objective"])
@@ -275,6 +276,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step, self.best, self.bad_epochs = int(state["step"]), float(state["best"]), int(state["bad_epochs"])
+        self.validated_step = int(state.get("validated_step", self.step))  # older checkpoints: after validation
         if self.dist.is_main:
             print(f"resumed from {self.ckpt_path} at step {self.step}/{self.total_steps} "
                   f"(best ensemble AUC {self.best:.4f})")
@@ -338,11 +340,18 @@ class Trainer:
                 break
         bar.close()
 
+    def epoch_awaits_validation(self) -> bool:
+        """An epoch's last step is done but not yet validated: always after training one, and after a resume
+        from the checkpoint that step wrote when the run was killed during its validation."""
+        at_epoch_end = self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps
+        return self.step > self.validated_step and at_epoch_end
+
     def end_epoch(self) -> tuple[bool, dict[str, dict[str, float]]]:
         """Validate (rank 0), keep the best weights, decide on early stopping; returns (stop, results)."""
         epoch = (self.step - 1) // self.steps_per_epoch + 1
         results: dict[str, dict[str, float]] = {}
         stop = False
+        self.validated_step = self.step
         if self.dist.is_main:
             results = evaluate(self.experts, self.emas, self.splits, self.cfg, self.device)
             score = selection_score(results, self.splits.selection_sets)
@@ -375,11 +384,14 @@ class Trainer:
         if self.cfg.patience and self.bad_epochs >= self.cfg.patience:
             print("this run already stopped early; nothing to do")
             return results
-        while self.step < self.total_steps:
-            self.train_epoch()
-            stop, results = self.end_epoch()
-            if stop:
+        while True:
+            if self.epoch_awaits_validation():
+                stop, results = self.end_epoch()
+                if stop:
+                    break
+            if self.step >= self.total_steps:
                 break
+            self.train_epoch()
         if self.log:
             self.log.close()
         return results
