@@ -35,7 +35,7 @@ import torch
 from sklearn.metrics import roc_curve
 
 from data_prep.labels import LabelsError
-from evaluation.validate import add_set_arguments, evaluation_sets, score_labelled
+from evaluation.validate import add_set_arguments, evaluation_sets, score_labelled, set_part
 from experts import WeightsError, load_ensemble
 from experts.weights import MANIFEST, set_threshold
 
@@ -122,13 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _part(name: str, args: argparse.Namespace) -> str:
-    """How a set's rows were selected, in the words validate.py prints."""
-    if name.startswith("cluster_"):
-        return "held-out cluster"
-    return "all rows" if args.whole else f"validation part ({args.val_fraction:.0%} of groups)"
-
-
 def run(args: argparse.Namespace, command: str) -> int:
     if args.fpr is not None and args.rule != "fpr":
         raise ThresholdError("--fpr sets the target of --rule fpr; add --rule fpr (or leave --fpr out)")
@@ -143,7 +136,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         t, expert_probs = score_labelled(ensemble, df, args.jpeg_quality, args.batch_size, args.workers, args.device)
         targets[name] = t
         probs[name] = ensemble.combine(torch.from_numpy(expert_probs)).numpy()
-        described.append({"name": name, "part": _part(name, args), "n": int(len(t)), "n_fake": int(t.sum())})
+        described.append({"name": name, "part": set_part(name, args), "n": int(len(t)), "n_fake": int(t.sum())})
     all_targets, all_probs = np.concatenate(list(targets.values())), np.concatenate(list(probs.values()))
     try:
         chosen = choose_threshold(all_targets, all_probs, args.rule, target_fpr)

@@ -88,6 +88,13 @@ def evaluation_sets(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
     return sets
 
 
+def set_part(name: str, args: argparse.Namespace) -> str:
+    """How the rows of set ``name`` of :func:`evaluation_sets` were chosen, in words for the reports."""
+    if name.startswith("cluster_"):
+        return "held-out cluster"
+    return "all rows" if args.whole else f"validation part ({args.val_fraction:.0%} of groups)"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_set_arguments(p)
@@ -95,9 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ensemble = load_ensemble(args.weights, args.device)
     for name, df in evaluation_sets(args).items():
         table = validate(ensemble, df, args.jpeg_quality, args.batch_size, args.workers, args.device)
-        part = ("held-out cluster" if name.startswith("cluster_") else
-                "all rows" if args.whole else f"validation part ({args.val_fraction:.0%} of groups)")
-        print(f"\n{name}: {part}, {int(table['n'].iloc[-1])} images "
+        print(f"\n{name}: {set_part(name, args)}, {int(table['n'].iloc[-1])} images "
               f"({int(df['target'].sum())} fake), JPEG {args.jpeg_quality}\n")
         print(table.to_markdown(floatfmt=".4f"))
 
