@@ -10,8 +10,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 
 def tpr_at_fpr(targets: np.ndarray, scores: np.ndarray, max_fpr: float = 1e-3) -> float:
-    """Highest true-positive rate whose false-positive rate does not exceed ``max_fpr``."""
-    fpr, tpr, _ = roc_curve(targets, scores)
+    """Highest true-positive rate whose false-positive rate does not exceed ``max_fpr``.
+
+    Every ROC point is kept (``drop_intermediate=False``): the default drops points that lie on a straight
+    segment between two others, which can be exactly the last point at or below ``max_fpr`` (tied scores
+    make such segments), and the rate would then be read at an earlier, lower point.
+    """
+    fpr, tpr, _ = roc_curve(targets, scores, drop_intermediate=False)
     return float(tpr[fpr <= max_fpr].max(initial=0.0))
 
 

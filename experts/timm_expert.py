@@ -22,6 +22,19 @@ class TimmExpert(Expert):
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def backbone_regions(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, g * g, D]``: the unpooled final feature map cut into a ``g x g`` grid, each cell through
+        what timm does after its global pooling (``forward_head(pre_logits=True)``: ConvNeXt's head norm,
+        nothing for EfficientNet).
+
+        A region's feature is thus the backbone's pooled feature restricted to that region: for
+        EfficientNet, when ``g`` divides the map, the regions' mean is exactly :meth:`backbone_features`.
+        """
+        cells = self.pool_regions(self.backbone.forward_features(x))  # [B, n, D]
+        b, n, d = cells.shape
+        pooled = self.backbone.forward_head(cells.reshape(b * n, d, 1, 1), pre_logits=True)
+        return pooled.reshape(b, n, -1)
+
     def frozen_modules(self) -> list[nn.Module]:
         n = self.config.frozen_stages
         if n <= 0:

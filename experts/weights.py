@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .base import Expert, ExpertConfig
+from .base_weights import BASE_WEIGHTS, BaseWeightsError
 from .ensemble import DEFAULT_THRESHOLD, Ensemble, check_threshold
 from .registry import build_from_config
 
@@ -80,10 +81,11 @@ def save_ensemble(
         (sub / CONFIG_FILE).write_text(json.dumps(expert.config.to_dict(), indent=2) + "\n")
         tensors = {
             k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
-            for k, v in expert.state_dict().items()
+            for k, v in changed_state_dict(expert).items()
         }
         save_file(tensors, str(sub / WEIGHTS_FILE), metadata={"format": "pt"})
         cfg = expert.config
+        base = {"base": cfg.base, "base_sha256": BASE_WEIGHTS[cfg.base].sha256} if cfg.base else {}
         entries.append({
             "key": key,
             "name": cfg.name,
@@ -98,6 +100,7 @@ def save_ensemble(
             "config_sha256": sha256_file(sub / CONFIG_FILE),
             "file": f"{key}/{WEIGHTS_FILE}",
             "sha256": sha256_file(sub / WEIGHTS_FILE),
+            **base,
             **dict((expert_metadata or {}).get(key, {})),
         })
     manifest = {
@@ -110,6 +113,21 @@ def save_ensemble(
     _make_readable(staging)
     _replace_dir(staging, folder)
     return folder
+
+
+def changed_state_dict(expert: Expert) -> dict[str, torch.Tensor]:
+    """The tensors a saved expert must store: all of them, or for an expert on offline base weights
+    (``config.base``) only those that differ from the base (its head, tuned LayerNorms...).
+
+    The base (hundreds of MB for a CLIP tower) is then fetched once per machine, sha256-checked, rather
+    than copied into every weights folder: a shipped CLIP expert is a few MB.
+    """
+    state = expert.state_dict()
+    if not expert.config.base:
+        return state
+    reference = build_from_config(ExpertConfig.from_dict(expert.config.to_dict())).state_dict()
+    return {k: v for k, v in state.items()
+            if k not in reference or v.shape != reference[k].shape or not torch.equal(v.cpu(), reference[k])}
 
 
 def _make_readable(folder: Path) -> None:
@@ -189,7 +207,10 @@ def load_expert(folder: str | Path, entry: Mapping[str, Any]) -> Expert:
     weights_path = _verified(folder, entry["file"], entry["sha256"])
     try:
         config = ExpertConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+        _check_base(folder, entry, config)
         expert = build_from_config(config, pretrained=False)
+    except BaseWeightsError as e:
+        raise WeightsError(f"{config_path}: the expert's base weights are unavailable: {e}") from e
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSON, fields, unknown family
         raise WeightsError(f"{config_path}: invalid expert config ({e})") from e
     try:
@@ -199,6 +220,8 @@ def load_expert(folder: str | Path, entry: Mapping[str, Any]) -> Expert:
     state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.items()}
     expected = expert.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if config.base:  # the rest came from the base weights, which build_from_config has loaded
+        missing = []
     if missing or unexpected:
         raise WeightsError(f"{weights_path}: does not fit {config.name}: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -206,8 +229,21 @@ def load_expert(folder: str | Path, entry: Mapping[str, Any]) -> Expert:
         if v.shape != expected[k].shape:
             raise WeightsError(f"{weights_path}: tensor {k} has shape {tuple(v.shape)}, "
                                f"{config.name} needs {tuple(expected[k].shape)}")
-    expert.load_state_dict(state, strict=True)
+    expert.load_state_dict(state, strict=not config.base)
     return expert.eval()
+
+
+def _check_base(folder: Path, entry: Mapping[str, Any], config: ExpertConfig) -> None:
+    """An expert saved on base weights loads only over the very base it was trained on."""
+    if not config.base:
+        return
+    if config.base not in BASE_WEIGHTS:
+        raise WeightsError(f"{folder / entry['config']}: unknown base weights {config.base!r}; "
+                           f"this code knows {sorted(BASE_WEIGHTS)}")
+    pinned = BASE_WEIGHTS[config.base].sha256
+    if entry.get("base_sha256") != pinned:
+        raise WeightsError(f"{folder / MANIFEST}: expert {entry['key']!r} was trained on base {config.base!r} "
+                           f"with sha256 {entry.get('base_sha256')}, but this code pins {pinned}")
 
 
 def manifest_threshold(manifest: Mapping[str, Any], path: str | Path) -> float:

@@ -43,6 +43,67 @@ def test_forward_shapes_gradients_and_decomposition(name):
 
 
 @pytest.mark.parametrize("name", TEST_EXPERTS)
+def test_lib_expert_decomposes_through_its_flattened_regions(name):
+    """A ``head: lib`` expert's features are its flattened regions, so ``forward_head(forward_features(x))``
+    is still its prediction and ensembles and inference use it unchanged."""
+    torch.manual_seed(0)
+    expert = create_expert(name, head="lib", lib_dim=8, normalize_features=True)
+    size = expert.config.input_size
+    images = torch.rand(3, 3, size, size)
+    logits, features = expert(images)
+    assert logits.shape == (3, 2) and features.shape == (3, expert.num_features)
+    assert expert.num_features == 4 * expert.region_dim  # lib_grid 2: four regions
+    expert.forward_head(features).sum().backward()
+    assert all(p.grad is not None for p in expert.head.fused_head.parameters())
+    expert.eval()
+    with torch.no_grad():
+        logits, features = expert(images)
+        assert torch.allclose(expert.forward_regions(images).flatten(1), features)
+        assert torch.allclose(expert.forward_head(expert.forward_features(images)), logits)
+
+
+@pytest.mark.parametrize("name", TEST_EXPERTS)
+def test_regions_are_distinct_grid_cells_of_the_feature_map(name):
+    torch.manual_seed(0)
+    expert = create_expert(name).eval()
+    size = expert.config.input_size
+    images = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        regions = expert.forward_regions(images)
+    assert regions.shape == (2, 4, expert.region_dim) and torch.isfinite(regions).all()
+    for i in range(4):
+        for j in range(i):
+            assert not torch.allclose(regions[:, i], regions[:, j]), (i, j)
+
+
+def test_cnn_regions_average_to_the_pooled_feature():
+    """EfficientNet regions are cells of the map timm pools: when the grid divides the map, their mean is
+    the pooled feature."""
+    expert = create_expert("test_efficientnet").eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(expert.forward_regions(images).mean(1), expert.forward_features(images), atol=1e-5)
+
+
+def test_clip_regions_are_pooled_patch_tokens_after_the_final_layernorm():
+    expert = create_expert("test_clip").eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        tower = getattr(expert.vision, "vision_model", expert.vision)
+        hidden = expert.vision(pixel_values=expert.normalize(images)).last_hidden_state  # [2, 1 + 8 * 8, 32]
+        patches = tower.post_layernorm(hidden[:, 1:]).view(2, 8, 8, 32)  # row-major 8 x 8 map, no class token
+        expected = torch.stack([patches[:, r:r + 4, c:c + 4].mean(dim=(1, 2)) for r in (0, 4) for c in (0, 4)], 1)
+        assert torch.allclose(expert.forward_regions(images), expected, atol=1e-5)
+        three = create_expert("test_clip", lib_grid=3)
+        assert three.forward_regions(images).shape == (2, 9, 32)
+        # With several feature layers a region concatenates them, as wide as the pooled feature.
+        layered = create_expert("test_clip", head="lib", feature_layers=[1, 2]).eval()
+        regions = layered.forward_regions(images)
+        assert regions.shape == (2, 4, 64) and layered.region_dim == 64
+        assert layered(images)[0].shape == (2, 2)
+
+
+@pytest.mark.parametrize("name", TEST_EXPERTS)
 def test_frozen_stages_get_no_gradient_and_keep_batchnorm_statistics(name):
     expert = create_expert(name, frozen_stages=1)
     frozen = expert.frozen_modules()

@@ -2,6 +2,7 @@
 early stopping, resume after a kill, and two-process DDP (gloo on CPU)."""
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
@@ -19,14 +21,15 @@ import infer
 from experts import load_ensemble, read_manifest
 from tests.conftest import ROOT, write_labelled_set
 from train import joint
-from train.data import build_splits
+from train.data import build_splits, mutual_teachers
 from train.config import TrainConfig
+from train.objective import JointObjective
 
 ALL_LOSSES = {"ce": 1.0, "kl_noise": 0.5, "kl_mutual": 0.5, "nce": 0.1, "lib_global": 1.0, "lib_local": 0.5}
 THREE_FAMILIES = [
     {"name": "test_efficientnet", "key": "eff"},
     {"name": "test_convnext", "key": "cnx"},
-    {"name": "test_clip", "key": "clip", "head": "lib", "lib_blocks": 3, "lib_dim": 16, "tuning": "layernorm",
+    {"name": "test_clip", "key": "clip", "head": "lib", "lib_grid": 2, "lib_dim": 16, "tuning": "layernorm",
      "normalize_features": True},
 ]
 
@@ -259,3 +262,173 @@ def test_two_process_ddp_on_cpu(tmp_path, set32):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
     assert load_ensemble(tmp_path / "ddp" / "weights").names == ["eff", "cnx"]
+
+
+# ------------------------------------------------------------------------------------- honest folds
+def _objective(specs: dict[str, str], loss_weights: dict[str, float], **kwargs) -> JointObjective:
+    torch.manual_seed(0)
+    return JointObjective({key: joint.create_expert(name) for key, name in specs.items()}, loss_weights, **kwargs)
+
+
+def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * (n // 2))
+
+
+def _rows(n: int, rows) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[list(rows)] = True
+    return mask
+
+
+def _sharpen(expert, factor: float = 20.0) -> None:
+    """Confident predictions: the KL between two experts is then far above float32 rounding."""
+    with torch.no_grad():
+        expert.head.weight.mul_(factor)
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """KL(teacher || student) of two probability tensors, batch mean."""
+    return F.kl_div(student.log(), teacher, reduction="batchmean").item()
+
+
+def test_mutual_learning_teachers_never_trained_on_the_students_validation_rows(tmp_path, set32):
+    splits_csv = write_three_cluster_splits(set32, tmp_path / "splits.csv")
+    experts = [{"name": "test_efficientnet", "key": "a", "fold": 0}, {"name": "test_convnext", "key": "a2", "fold": 0},
+               {"name": "test_convnext", "key": "b", "fold": 1}]
+    cfg = TrainConfig(experts=experts, splits=str(splits_csv), out_dir=str(tmp_path / "run"), workers=0,
+                      batch_size=4, tensorboard=False)
+    splits = build_splits(cfg)
+    # b trains on cluster 0, a's validation cluster (and a on b's): only the same fold's expert teaches.
+    assert splits.teachers == {"a": ["a2"], "a2": ["a"], "b": []}
+    assert joint.Trainer(cfg, "test").objective.teachers == splits.teachers
+    # Without folds every expert trains on the same rows and is validated on rows none of them saw.
+    group = build_splits(TrainConfig(experts=experts, train=[{"csv": str(set32)}]))
+    assert group.teachers == {"a": ["a2", "b"], "a2": ["a", "b"], "b": ["a", "a2"]}
+
+
+def test_kl_mutual_learns_only_from_the_given_teachers():
+    objective = _objective({"a": "test_convnext", "b": "test_convnext", "c": "test_convnext"},
+                           {"ce": 1.0, "kl_mutual": 1.0}, teachers={"a": ["b"], "b": ["a"], "c": []}).eval()
+    _sharpen(objective.experts["b"])
+    x, y = _batch()
+    masks = {k: torch.ones(len(y), dtype=torch.bool) for k in "abc"}
+    _, terms = objective({64: x}, y, masks)
+    assert "c/kl_mutual" not in terms and "c/kl_mutual" not in objective.weighting.names  # no teacher, no term
+    with torch.no_grad():
+        pa, pb = (objective.experts[k](x)[0].softmax(-1) for k in "ab")
+    assert terms["a/kl_mutual"].item() == pytest.approx(_kl(pa, pb), rel=1e-4)
+    assert terms["b/kl_mutual"].item() == pytest.approx(_kl(pb, pa), rel=1e-4)
+    _sharpen(objective.experts["c"], -50.0)  # c saw a's validation rows: whatever it predicts, a never hears it
+    _, again = objective({64: x}, y, masks)
+    assert again["a/kl_mutual"].item() == pytest.approx(terms["a/kl_mutual"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="teachers"):
+        _objective({"a": "test_convnext", "b": "test_convnext"}, {"ce": 1.0, "kl_mutual": 1.0},
+                   teachers={"a": ["z"], "b": []})
+
+
+def test_mutual_learning_compares_two_experts_on_the_rows_both_train_on():
+    objective = _objective({"a": "test_convnext", "b": "test_convnext"}, {"ce": 1.0, "kl_mutual": 1.0}).eval()
+    _sharpen(objective.experts["b"])
+    x, y = _batch()
+    _, terms = objective({64: x}, y, {"a": _rows(6, [0, 1, 2, 3]), "b": _rows(6, [2, 3, 4, 5])})
+    with torch.no_grad():
+        pa, pb = (objective.experts[k](x[2:4])[0].softmax(-1) for k in "ab")
+        ce_a = F.cross_entropy(objective.experts["a"](x[:4])[0], y[:4]).item()
+    assert terms["a/kl_mutual"].item() == pytest.approx(_kl(pa, pb), rel=1e-4)
+    assert terms["b/kl_mutual"].item() == pytest.approx(_kl(pb, pa), rel=1e-4)
+    assert terms["a/ce"].item() == pytest.approx(ce_a, rel=1e-4)
+
+
+def test_batchnorm_never_sees_rows_outside_the_experts_mask():
+    objective = _objective({"a": "test_efficientnet"}, {"ce": 1.0, "kl_noise": 1.0}).train()
+    initial = {k: v.clone() for k, v in objective.state_dict().items() if "running" in k}
+    x, y = _batch()
+    outcomes = []
+    for outside in (0.0, 1e3):  # the rows a does not train on: black, or far out of range
+        run = copy.deepcopy(objective)
+        images = x.clone()
+        images[4:] = outside
+        torch.manual_seed(1)  # the same kl_noise noise
+        _, terms = run({64: images}, y, {"a": _rows(6, range(4))})
+        outcomes.append(({k: v for k, v in run.state_dict().items() if "running" in k}, terms))
+    (stats, terms), (stats_huge, terms_huge) = outcomes
+    assert any(not torch.equal(stats[k], initial[k]) for k in stats)  # the statistics did move
+    assert all(torch.allclose(stats[k], stats_huge[k], rtol=1e-4, atol=1e-6) for k in stats)
+    assert all(terms[k].item() == pytest.approx(terms_huge[k].item(), rel=1e-4) for k in terms)
+
+
+def test_an_expert_without_rows_in_the_batch_gets_zeros_connected_to_all_its_parameters():
+    objective = _objective({"a": "test_efficientnet", "b": "test_convnext"},
+                           {"ce": 1.0, "kl_noise": 1.0, "kl_mutual": 1.0, "nce": 0.1}).train()
+    x, y = _batch(4)
+    total, terms = objective({64: x}, y, {"a": _rows(4, []), "b": _rows(4, range(4))})
+    for name in ("ce", "kl_noise", "kl_mutual", "nce"):
+        assert terms[f"a/{name}"].item() == 0 and terms[f"a/{name}"].requires_grad
+    assert terms["b/kl_mutual"].item() == 0  # its only teacher has no row in this batch
+    total.backward()
+    assert all(p.grad is not None for p in objective.experts["a"].parameters() if p.requires_grad)
+
+
+def _running_stats(expert) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in expert.named_buffers() if "running" in n}
+
+
+def test_evaluated_and_written_weights_carry_the_ema_of_batchnorm_statistics(tmp_path, set32, monkeypatch):
+    config = write_config(tmp_path, "ema", train=[{"csv": str(set32)}], experts=THREE_FAMILIES[:1], ema_decay=0.5)
+    live: list[dict[str, torch.Tensor]] = []
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    step, save, score = joint.Trainer.optimizer_step, joint.save_ensemble, joint.score_images
+
+    def recording_step(self, batches):
+        if not live:
+            live.append(_running_stats(self.experts["eff"]))
+        out = step(self, batches)
+        live.append(_running_stats(self.experts["eff"]))
+        return out
+
+    def recording_save(experts, *args, **kwargs):
+        seen["written"] = _running_stats(experts["eff"])
+        return save(experts, *args, **kwargs)
+
+    def recording_score(ensemble, *args, **kwargs):
+        seen["evaluated"] = _running_stats(ensemble.experts["eff"])
+        return score(ensemble, *args, **kwargs)
+
+    monkeypatch.setattr(joint.Trainer, "optimizer_step", recording_step)
+    monkeypatch.setattr(joint, "save_ensemble", recording_save)
+    monkeypatch.setattr(joint, "score_images", recording_score)
+    joint.main([str(config)])
+
+    expected = live[0]  # torch-ema's rule, warm-up included
+    for k, stats in enumerate(live[1:], start=1):
+        decay = min(0.5, (1 + k) / (10 + k))
+        expected = {n: decay * expected[n] + (1 - decay) * stats[n] for n in stats}
+    assert expected and len(live) == 3
+    for which in ("evaluated", "written"):
+        assert all(torch.allclose(seen[which][n], expected[n], rtol=1e-5, atol=1e-7) for n in expected), which
+    assert any(not torch.allclose(live[-1][n], expected[n], rtol=1e-3, atol=1e-5) for n in expected)
+
+
+def test_a_teacher_is_dropped_when_a_chain_of_teachers_brings_the_students_validation_labels():
+    # Rows 0, 1, 2 are the validation rows of a, b, c. c trained on row 0 (a's): it may not teach a, nor
+    # may b, whom c teaches.
+    trains = {"a": np.array([0, 0, 1], bool), "b": np.array([0, 0, 1], bool), "c": np.array([1, 0, 0], bool)}
+    validated = {k: np.eye(3, dtype=bool)[i] for i, k in enumerate("abc")}
+    assert mutual_teachers(trains, validated) == {"a": [], "b": ["a", "c"], "c": []}
+
+
+def test_an_ema_checkpoint_of_parameters_only_still_loads():
+    """Checkpoints from before the EMA covered BatchNorm statistics resume, the statistics' average starting
+    from the live ones."""
+    torch.manual_seed(0)
+    expert = joint.create_expert("test_efficientnet")
+    old = joint.ExponentialMovingAverage([p for p in expert.parameters() if p.requires_grad], decay=0.9)
+    with torch.no_grad():
+        for name, b in expert.named_buffers():
+            if "running_mean" in name:
+                b.add_(1.0)
+    ema = joint.make_ema(expert, 0.9)
+    joint.load_ema(ema, old.state_dict(), expert)
+    tensors = joint.ema_tensors(expert)
+    assert len(ema.shadow_params) == len(tensors) > len(old.shadow_params)
+    assert all(torch.equal(s, t) for s, t in zip(ema.shadow_params, tensors))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from evaluation.metrics import detection_metrics
+from evaluation.metrics import detection_metrics, tpr_at_fpr
 
 
 def test_perfect_and_inverted_scores():
@@ -25,3 +25,15 @@ def test_one_class_gives_nan_not_an_error():
 def test_non_finite_scores_are_refused():
     with pytest.raises(ValueError, match="NaN"):
         detection_metrics([0, 1], [0.1, float("nan")])
+
+
+def test_tpr_at_fpr_uses_every_roc_point_with_tied_scores():
+    # 1000 reals and 1000 fakes: 500 fakes alone on top; then two scores each shared by one real and
+    # 100 fakes; the rest below. At the cut 0.8 exactly one real is flagged (FPR 1e-3) and 600 fakes are
+    # (TPR 0.6). The ROC points (0, 0.5), (1e-3, 0.6), (2e-3, 0.7) lie on one line, so roc_curve's
+    # default drop_intermediate removes the middle one, the very point the metric asks for.
+    targets = np.array([1] * 500 + [0] + [1] * 100 + [0] + [1] * 100 + [0] * 998 + [1] * 300)
+    scores = np.array([0.9] * 500 + [0.8] * 101 + [0.7] * 101 + [0.1] * 1298)
+    m = detection_metrics(targets, scores)
+    assert m["tpr@fpr1e-3"] == 0.6
+    assert tpr_at_fpr(targets, scores, max_fpr=2e-3) == 0.7

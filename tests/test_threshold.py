@@ -145,14 +145,15 @@ def test_infer_prints_the_verdict_of_the_stored_threshold(tiny_weights, tmp_path
 
 # ------------------------------------------------------------------------------------------ the command
 def test_command_chooses_and_records_a_threshold(tiny_weights, labelled_csv, capsys):
-    result = subprocess.run([sys.executable, "evaluation/threshold.py", str(labelled_csv), "--whole",
-                             "--weights", str(tiny_weights)], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "evaluation/threshold.py", str(labelled_csv), "--whole", "--rule",
+                             "balanced", "--weights", str(tiny_weights)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     entry = read_manifest(tiny_weights)["threshold"]
     assert entry["rule"] == "balanced" and entry["target_fpr"] is None and entry["n"] == 16
     assert entry["n_fake"] == 8 and entry["n_real"] == 8 and entry["jpeg_quality"] == 75
     assert entry["set"] == f"{labelled_csv} (all rows)"
-    assert entry["command"] == f"python evaluation/threshold.py {labelled_csv} --whole --weights {tiny_weights}"
+    assert entry["command"] == (f"python evaluation/threshold.py {labelled_csv} --whole --rule balanced "
+                                f"--weights {tiny_weights}")
     assert f"threshold {entry['value']:.6f} (rule balanced) on 16 images (8 fake, 8 real)" in result.stdout
     assert f"balanced accuracy {entry['balanced_accuracy']:.4f}" in result.stdout
     assert load_ensemble(tiny_weights).threshold == entry["value"]
@@ -177,6 +178,29 @@ def test_command_errors_are_clear(tiny_weights, tmp_path, capsys):
     for bad in (["--rule", "fpr", "--fpr", "1.5"], ["--rule", "fpr", "--fpr", "0"]):
         assert threshold_main([str(csv), "--whole", "--weights", str(tiny_weights), *bad]) == 2
         assert "--fpr must lie strictly between 0 and 1" in capsys.readouterr().err
-    assert threshold_main([str(csv), "--whole", "--weights", str(tiny_weights), "--fpr", "0.1"]) == 2
-    assert "add --rule fpr" in capsys.readouterr().err
+    assert threshold_main([str(csv), "--whole", "--weights", str(tiny_weights), "--rule", "balanced",
+                           "--fpr", "0.1"]) == 2
+    assert "leave out --rule balanced" in capsys.readouterr().err
     assert (tiny_weights / "manifest.json").read_text() == before
+
+
+# ------------------------------------------------------------------ choosing on validation folds only
+def test_the_threshold_is_chosen_on_the_validation_folds_and_the_test_cluster_only_reported(tmp_path,
+                                                                                            monkeypatch, capsys):
+    from evaluation import threshold, validate
+    from tests.test_validate import designed_scores, fold_trained_weights
+
+    for module in (validate, threshold):
+        monkeypatch.setattr(module, "score_labelled", designed_scores)
+    weights = fold_trained_weights(tmp_path, write_labelled_set(tmp_path / "set", n=24))
+    assert threshold_main(["--folds", "--weights", str(weights)]) == 0
+    entry = read_manifest(weights)["threshold"]
+    # Out of fold: fold 0 by a (reals 0.25, fakes 0.75), fold 1 by b and c (0.5 for all). At most 5% of
+    # the validation reals flagged: 0.75. On the test cluster all three score reals 5/12, fakes 7/12, where
+    # the same rule would cut at 7/12: the choice does not look there.
+    assert entry["value"] == pytest.approx(0.75) and (entry["rule"], entry["target_fpr"]) == ("fpr", 0.05)
+    assert [s["name"] for s in entry["sets"]] == ["fold_0", "fold_1"]
+    assert [r["name"] for r in entry["report"]] == ["cluster_2 (set)"]
+    assert entry["report"][0]["tpr"] == 0.0 and entry["report"][0]["fpr"] == 0.0
+    out = capsys.readouterr().out
+    assert "cluster_2 (set) (held-out cluster, report only, not used for the choice)" in out

@@ -74,3 +74,68 @@ def test_ensembles_command_prints_every_subset(tmp_path, labelled_csv, capsys):
     for row in ("| a ", "| b ", "| a + b "):
         assert row in out
     assert "mean AUC" in out
+
+
+# ------------------------------------------------------------------ choosing on validation folds only
+def fold_trained_weights(tmp_path, labelled_csv):
+    """A weights folder as the recipe writes it: a (fold 0), b and c (fold 1), cluster 2 held out as the test.
+
+    Its splits file has three clusters (image number mod 3) and a fold column per cluster, as
+    data_prep/cluster.py writes them.
+    """
+    df = pd.read_csv(labelled_csv)
+    df["path"] = [str(labelled_csv.parent / n) for n in df["img_name"]]
+    df["labels_csv"] = str(labelled_csv)
+    df["cluster"] = [i % 3 for i in range(len(df))]
+    for f in range(3):
+        df[f"fold_{f}"] = np.where(df["cluster"] == f, "val", "train")
+    splits = tmp_path / "splits.csv"
+    df.to_csv(splits, index=False)
+    torch.manual_seed(0)
+    experts = {"a": create_expert("test_efficientnet"), "b": create_expert("test_convnext"),
+               "c": create_expert("test_convnext")}
+    training = {"config": {"splits": str(splits), "experts": [{"name": "test_efficientnet", "key": "a", "fold": 0},
+                                                             {"name": "test_convnext", "key": "b", "fold": 1},
+                                                             {"name": "test_convnext", "key": "c", "fold": 1}]},
+                "validation_sets": {"fold_0": ["a"], "fold_1": ["b", "c"], "cluster_2": None},
+                "test_sets": ["cluster_2"]}
+    return save_ensemble(experts, tmp_path / "w", metadata={"training": training})
+
+
+def designed_scores(ensemble, df, *args, **kwargs):
+    """In place of scoring: a is right everywhere, b only on cluster 1 (its validation fold), c only on
+    cluster 2 (the test cluster). "Right": 0.75 for fakes and 0.25 for reals; wrong: the reverse."""
+    t, cluster = df["target"].to_numpy(), df["cluster"].to_numpy()
+    right = {"a": np.ones(len(t), bool), "b": cluster == 1, "c": cluster == 2}
+    return t, np.stack([np.where(right[k], 0.25 + 0.5 * t, 0.75 - 0.5 * t) for k in ensemble.names], axis=1)
+
+
+@pytest.fixture
+def designed(monkeypatch):
+    for module in (validate, ensembles):
+        monkeypatch.setattr(module, "score_labelled", designed_scores)
+
+
+def test_experts_are_chosen_on_the_validation_folds_and_the_test_cluster_only_reported(tmp_path, labelled_csv,
+                                                                                        designed, capsys):
+    weights = fold_trained_weights(tmp_path, labelled_csv)
+    ensembles.main(["--folds", "--weights", str(weights)])
+    out = capsys.readouterr().out
+    # On the test cluster a + c would win (b is wrong there); on the validation folds, where c is wrong
+    # and b right, a + b does: the choice follows the validation folds.
+    assert "chosen on the validation folds: a + b " in out
+    validation, report = out.split("report only, not used for the choice")
+    assert "cluster_2" not in validation and "fold_1" not in report
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| a")}
+    assert set(rows) == {"a + b", "a + b + c"}  # the choice and the whole ensemble, nothing to choose from
+
+
+def test_subset_table_counts_a_subset_on_a_fold_through_its_members_validated_there():
+    targets = {"fold_0": np.array([0, 1, 0, 1]), "fold_1": np.array([0, 1, 0, 1])}
+    nan = np.full(4, np.nan)
+    good, bad = np.array([0.25, 0.75, 0.25, 0.75]), np.array([0.75, 0.25, 0.75, 0.25])
+    probs = {"fold_0": np.stack([good, nan, nan], 1), "fold_1": np.stack([nan, good, bad], 1)}
+    table = ensembles.subset_table(targets, probs, ["a", "b", "c"]).set_index("experts")
+    assert table.loc["a + b", "mean AUC"] == 1.0 and table.loc["a + c", "mean AUC"] == 0.5
+    assert np.isnan(table.loc["b + c", "fold_0 AUC"]) and np.isnan(table.loc["b + c", "mean AUC"])
+    assert ensembles.choose_subset(ensembles.subset_table(targets, probs, ["a", "b", "c"])) == "a + b"

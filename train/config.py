@@ -52,7 +52,7 @@ class TrainConfig:
     noise_std: float = _opt(0.03, "std of the input noise of kl_noise (images in [0, 1])")
     adversarial_noise: bool = _opt(False, "kl_noise with adversarial (VAT) instead of random noise")
     nce_temperature: float = _opt(0.1, "temperature of the nce loss")
-    lib_temperature: float = _opt(2.0, "temperature T of the LIB global information loss")
+    lib_temperature: float = _opt(1.5, "temperature T of both LIB information losses (the authors' 1.5)")
     lib_distance: str = _opt("kl", "distance of the LIB losses: kl | sinkhorn (entropic Wasserstein)")
     balance: str = _opt("class", "sampling: none (a permutation per epoch) | class | source_class (equal mass per cell)")
     accum_steps: int = _opt(1, "micro-batches per optimiser step (gradient accumulation)")

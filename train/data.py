@@ -38,6 +38,8 @@ class Splits:
             data it never trained on; ``None``: every expert).
         test: Names of validation sets that are reported but never choose the checkpoint or stop training
             (the ``test_clusters``: held out from every expert, so the ensemble's number on them is clean).
+        teachers: Expert key -> the experts it may learn from in mutual learning (see :func:`mutual_teachers`);
+            ``None``: every other expert.
     """
 
     pool: pd.DataFrame
@@ -45,6 +47,7 @@ class Splits:
     val: dict[str, pd.DataFrame]
     val_experts: dict[str, list[str] | None]
     test: list[str] = field(default_factory=list)
+    teachers: dict[str, list[str]] | None = None
 
     @property
     def selection_sets(self) -> list[str]:
@@ -83,7 +86,9 @@ def _group_splits(cfg: TrainConfig) -> Splits:
         val[set_name(entry["csv"])] = val_df
     pool = pd.concat(parts, ignore_index=True)
     keys = [expert_key(s) for s in cfg.experts]
-    return Splits(pool, {k: np.ones(len(pool), bool) for k in keys}, val, {k: None for k in val})
+    # Every expert is validated on the held-out groups, which no expert trains on: all may teach all.
+    teachers = {k: [t for t in keys if t != k] for k in keys}
+    return Splits(pool, {k: np.ones(len(pool), bool) for k in keys}, val, {k: None for k in val}, teachers=teachers)
 
 
 def expert_folds(cfg: TrainConfig, k: int) -> dict[str, int]:
@@ -112,6 +117,7 @@ def _fold_splits(cfg: TrainConfig) -> Splits:
     used = np.logical_or.reduce(list(trains.values()))
     pool = rows[used].reset_index(drop=True)
     masks = {key: m[used] for key, m in trains.items()}
+    validated = {key: (rows[f"fold_{f}"] == "val").to_numpy() for key, f in folds.items()}
     val, val_experts = {}, {}
     for f in sorted(set(folds.values())):
         name = f"fold_{f}"
@@ -121,7 +127,48 @@ def _fold_splits(cfg: TrainConfig) -> Splits:
         name = f"cluster_{c}"
         val[name] = rows[rows["cluster"] == c].reset_index(drop=True)
         val_experts[name] = None
-    return Splits(pool, masks, val, val_experts, test=[f"cluster_{c}" for c in cfg.test_clusters])
+    return Splits(pool, masks, val, val_experts, test=[f"cluster_{c}" for c in cfg.test_clusters],
+                  teachers=mutual_teachers(trains, validated))
+
+
+def mutual_teachers(trains: dict[str, np.ndarray], validated: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """Per expert, the experts allowed to teach it in mutual learning: none that trained on its validation rows.
+
+    Mutual learning pulls an expert toward its teachers' predictions, i.e. distils what they learnt into it.
+    A teacher that trained on the rows the student is validated on has learnt those rows' labels, and would
+    hand them to the student: its validation score (which chooses the checkpoint, and later the experts and
+    threshold that ship) would then measure data it has, in effect, seen. With the cluster folds of
+    ``data_prep/cluster.py`` this leaves the experts of the student's own fold.
+
+    Knowledge also travels along chains (c teaches b, b teaches a), so a teacher is kept only if every expert
+    that reaches the student through it is allowed to teach the student too.
+
+    Args:
+        trains: Expert key -> boolean array over the rows of one table: the rows it trains on.
+        validated: Expert key -> boolean array over the same rows: the rows it is validated on.
+    """
+    keys = list(trains)
+    clean = {s: {t for t in keys if t != s and not (trains[t] & validated[s]).any()} for s in keys}
+    teachers = {s: set(clean[s]) for s in keys}
+    changed = True
+    while changed:  # removing a teacher can only shrink what reaches a student: this ends
+        changed = False
+        for s in keys:
+            for t in sorted(teachers[s]):
+                if not _sources(teachers, t) <= clean[s] | {s}:
+                    teachers[s].discard(t)
+                    changed = True
+    return {s: [t for t in keys if t in teachers[s]] for s in keys}
+
+
+def _sources(teachers: dict[str, set[str]], key: str) -> set[str]:
+    """``key`` and every expert whose predictions reach it through a chain of teachers."""
+    seen, todo = {key}, [key]
+    while todo:
+        for t in teachers[todo.pop()] - seen:
+            seen.add(t)
+            todo.append(t)
+    return seen
 
 
 def _test_rows(rows: pd.DataFrame, clusters: list[int], folds: dict[str, int], path: Path) -> np.ndarray:

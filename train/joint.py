@@ -10,11 +10,12 @@
 What each expert trains and validates on comes from ``train/data.py``: a group split of each labelled CSV,
 or, with ``splits:``, the leave-one-cluster-out folds of ``data_prep/cluster.py`` (expert e trains on its
 fold and is validated on the cluster it never saw). All experts see the same batches; their losses are
-one module (``train/objective.py``), each has its own AdamW parameter groups and an EMA of its weights
-(torch-ema). After each epoch the EMA weights are validated on images resized and re-encoded at one JPEG
-quality for both classes; the ensemble with the best mean AUC is written, atomically, in the weights
-format that ``infer.py`` loads. ``OUT_DIR/checkpoint.pt`` (every ``checkpoint_every`` steps and at each
-epoch end) holds everything a run needs to go on: running the same command again resumes from it.
+one module (``train/objective.py``), each has its own AdamW parameter groups and an EMA of its weights and
+BatchNorm statistics (torch-ema). After each epoch the EMA weights are validated on images resized and
+re-encoded at one JPEG quality for both classes; the ensemble with the best mean AUC is written,
+atomically, in the weights format that ``infer.py`` loads. ``OUT_DIR/checkpoint.pt`` (every
+``checkpoint_every`` steps and at each epoch end) holds everything a run needs to go on: running the same
+command again resumes from it.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ import random
 import shlex
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 if __package__ in (None, ""):  # `python train/joint.py` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,12 +72,15 @@ def build_experts(cfg: TrainConfig) -> dict[str, Expert]:
     return experts
 
 
-def build_objective(experts: dict[str, Expert], cfg: TrainConfig) -> JointObjective:
+def build_objective(experts: dict[str, Expert], cfg: TrainConfig,
+                    teachers: dict[str, list[str]] | None = None) -> JointObjective:
+    """The joint objective of the config; ``teachers`` (``Splits.teachers``) keeps mutual learning within
+    what each expert may learn from without seeing its validation rows (default: every other expert)."""
     try:
         return JointObjective(experts, cfg.loss_weights, cfg.loss_weighting, label_smoothing=cfg.label_smoothing,
                               noise_std=cfg.noise_std, adversarial_noise=cfg.adversarial_noise,
                               nce_temperature=cfg.nce_temperature, lib_temperature=cfg.lib_temperature,
-                              lib_distance=cfg.lib_distance)
+                              lib_distance=cfg.lib_distance, teachers=teachers)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -128,6 +132,47 @@ def check_config(cfg: TrainConfig) -> None:
         raise SystemExit("error: " + "; ".join(problems))
 
 
+# ------------------------------------------------------------------------------------------------ EMA
+def ema_tensors(expert: Expert) -> list[torch.Tensor]:
+    """What an expert's EMA averages: its trainable parameters, then its saved floating-point buffers.
+
+    The buffers are BatchNorm's running means and variances. Averaging the parameters alone would validate
+    and ship EMA weights beside the live statistics of the last step, which were gathered by other weights.
+    Integer buffers (BatchNorm's step counter) cannot be averaged and stay live; non-persistent ones are
+    constants (the input normalisation) and are left out.
+    """
+    saved = expert.state_dict(keep_vars=True)
+    buffers = [b for name, b in expert.named_buffers() if name in saved and b.is_floating_point()]
+    return [p for p in expert.parameters() if p.requires_grad] + buffers
+
+
+def make_ema(expert: Expert, decay: float) -> ExponentialMovingAverage:
+    """torch-ema's average of :func:`ema_tensors`, with its warm-up (``use_num_updates``)."""
+    return ExponentialMovingAverage(ema_tensors(expert), decay=decay, use_num_updates=True)
+
+
+def load_ema(ema: ExponentialMovingAverage, state: dict[str, Any], expert: Expert) -> None:
+    """Restore an EMA from a checkpoint, also one written when the EMA held the parameters only.
+
+    Such a checkpoint lists the parameters' averages first, as :func:`ema_tensors` still does; the buffers'
+    averages then start from the live statistics the checkpoint has just restored into ``expert``.
+    """
+    stored, tensors = list(state["shadow_params"]), ema_tensors(expert)
+    if len(stored) < len(tensors):
+        state = {**state, "shadow_params": stored + [t.detach().clone() for t in tensors[len(stored):]],
+                 "collected_params": None}
+    ema.load_state_dict(state)
+
+
+@contextmanager
+def ema_weights(emas: dict[str, ExponentialMovingAverage]) -> Iterator[None]:
+    """Every expert holds its EMA parameters and BatchNorm statistics inside; the live ones are back after."""
+    with ExitStack() as stack:
+        for ema in emas.values():
+            stack.enter_context(ema.average_parameters())
+        yield
+
+
 # ------------------------------------------------------------------------------------- train and eval
 def batch_inputs(batch: dict[str, Any], masks: dict[str, np.ndarray], device: torch.device
                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
@@ -145,7 +190,7 @@ def batch_inputs(batch: dict[str, Any], masks: dict[str, np.ndarray], device: to
 
 def evaluate(experts: dict[str, Expert], emas: dict[str, ExponentialMovingAverage], splits: Splits,
              cfg: TrainConfig, device: torch.device) -> dict[str, dict[str, float]]:
-    """Metrics of each expert and of the ensemble, per validation set, with the EMA weights.
+    """Metrics of each expert and of the ensemble, per validation set, with the EMA weights and statistics.
 
     A set is scored only by the experts it is held out for (a fold's cluster by that fold's experts;
     extra validation CSVs by all). Scoring goes through the same code as ``infer.py`` (``score_images``),
@@ -154,9 +199,7 @@ def evaluate(experts: dict[str, Expert], emas: dict[str, ExponentialMovingAverag
     transform = partial(shortcut_free_eval_transform, jpeg_quality=cfg.val_jpeg_quality)
     weights = expert_weights(cfg)
     results: dict[str, dict[str, float]] = {}
-    with ExitStack() as stack:
-        for key in experts:
-            stack.enter_context(emas[key].average_parameters())
+    with ema_weights(emas):
         for set_name, df in splits.val.items():
             keys = splits.val_experts[set_name] or list(experts)
             ensemble = Ensemble({k: experts[k] for k in keys}, weights).eval()
@@ -184,7 +227,8 @@ def selection_score(results: dict[str, dict[str, float]], set_names: list[str]) 
 
 def write_weights(experts: dict[str, Expert], emas: dict[str, ExponentialMovingAverage], cfg: TrainConfig,
                   splits: Splits, results: dict[str, dict[str, float]], epoch: int, step: int, command: str) -> Path:
-    """Save the EMA weights of every expert as a weights folder, with the run's record in the manifest."""
+    """Save the EMA weights (and BatchNorm statistics) of every expert as a weights folder, with the run's
+    record in the manifest."""
     out = Path(cfg.weights_out or Path(cfg.out_dir) / "weights")
     per_expert = {key: {"val_metrics": {k.split("/")[0]: v for k, v in results.items() if k.endswith(f"/{key}")}}
                   for key in experts}
@@ -201,9 +245,7 @@ def write_weights(experts: dict[str, Expert], emas: dict[str, ExponentialMovingA
                      "test_sets": list(splits.test)},
         "val_metrics": {k.split("/")[0]: v for k, v in results.items() if k.endswith("/ensemble")},
     }
-    with ExitStack() as stack:
-        for key in experts:
-            stack.enter_context(emas[key].average_parameters())
+    with ema_weights(emas):
         save_ensemble(experts, out, weights=expert_weights(cfg), metadata=metadata, expert_metadata=per_expert)
     return out
 
@@ -229,7 +271,7 @@ class Trainer:
         self.splits = build_splits(cfg)
         self.experts = {k: e.to(self.device).to(memory_format=torch.channels_last)
                         for k, e in build_experts(cfg).items()}
-        self.objective = build_objective(self.experts, cfg).to(self.device)
+        self.objective = build_objective(self.experts, cfg, self.splits.teachers).to(self.device)
         self.model = (DistributedDataParallel(self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                       if self.dist.enabled else self.objective)
         sizes = sorted({e.config.input_size for e in self.experts.values()})
@@ -251,8 +293,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16)
                          if self.device.type == "cuda" and cfg.amp else nullcontext())
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and cfg.amp and cfg.amp_dtype == "fp16")
-        self.emas = {k: ExponentialMovingAverage([p for p in e.parameters() if p.requires_grad], decay=cfg.ema_decay,
-                                                 use_num_updates=True) for k, e in self.experts.items()}
+        self.emas = {k: make_ema(e, cfg.ema_decay) for k, e in self.experts.items()}
         self.step, self.best, self.bad_epochs = 0, -math.inf, 0
         self.validated_step = 0  # the step of the last finished validation: a kill during one repeats it
         self.ckpt_path = self.out_dir / CHECKPOINT
@@ -270,7 +311,7 @@ class Trainer:
     def load(self, state: dict[str, Any]) -> None:
         self.objective.load_state_dict(state["objective"])
         for k, ema in self.emas.items():
-            ema.load_state_dict(state["emas"][k])
+            load_ema(ema, state["emas"][k], self.experts[k])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

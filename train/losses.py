@@ -290,47 +290,84 @@ class UncertaintyWeighting(FixedWeighting):
 
 
 # --------------------------------------------------------------------------------------- LIB losses
+# Ba et al., AAAI 2024, as the authors' code computes them (github.com/QingyuLiu/Exposing-the-Deception,
+# ``losses/mi_loss.py`` with ``method='mi'``, the one ``training.py`` uses): both information losses compare
+# tempered softmaxes (T = 1.5 there) and both treat the all-blocks prediction p(y|f_1..f_n) as the fixed
+# reference, detached. One difference, on purpose: their ``nn.KLDivLoss()`` keeps its default elementwise
+# ``'mean'``, which also divides the KL by the number of classes K (half the true KL for K = 2); here a KL
+# is summed over classes and averaged over the batch, the true KL, like every other KL in this file. Nor is a
+# KL scaled by T^2 here: neither loss is a distillation term weighed against a CE at T = 1.
+LIB_TEMPERATURE = 1.5
+
+
 def _check_distance(distance: str) -> None:
     if distance not in DISTANCES:
         raise ValueError(f"LIB distance must be one of {DISTANCES}, got {distance!r}")
 
 
 def _distance_rows(p_logits: Tensor, q_logits: Tensor, distance: str, temperature: float = 1.0) -> Tensor:
-    """Per-row distance from the distribution of ``p_logits`` to that of ``q_logits``. KL is scaled by
-    ``T^2``; Sinkhorn is not (a transport cost between probabilities is already bounded by the cost's range)."""
+    """Per-row distance ``[...]`` from softmax(p / T) to softmax(q / T), logits ``[..., K]``: KL(p || q), or
+    the Sinkhorn transport cost between them (the authors' ``mi_calculator='w'``). Not scaled by T^2."""
     _check_distance(distance)
     if distance == "kl":
-        return kl_distance_rows(p_logits, q_logits, temperature)
+        return _kl_rows(F.log_softmax(p_logits.float() / temperature, dim=-1),
+                        F.log_softmax(q_logits.float() / temperature, dim=-1))
     soft = lambda x: F.softmax(x.float() / temperature, dim=-1)  # noqa: E731
-    return sinkhorn_rows(soft(p_logits), soft(q_logits))
+    k = p_logits.shape[-1]
+    return sinkhorn_rows(soft(p_logits).reshape(-1, k), soft(q_logits).reshape(-1, k)).reshape(p_logits.shape[:-1])
 
 
-def lib_global_loss(out: "LIBOutput", temperature: float = 2.0, distance: str = "kl") -> Tensor:
-    """Global information loss: the fused prediction should keep everything the blocks know together.
+def lib_cross_entropy(out: "LIBOutput", target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """CE of every LIB classifier: the fused one (the prediction), the all-blocks one and each left-out one.
 
-    distance(softmax(whole / T), softmax(fused / T)), batch mean. The all-blocks head sees every block at
-    once, so it is the teacher, and it is **detached**: the loss moves the fused head and, through the
-    attention, the blocks it weights, toward what the full concatenation predicts, never the teacher toward
-    a fused head that may have learnt to listen to one block only. (The caller trains both heads with CE.)
+    Summed, as the authors do: the all-blocks head is the reference of both information losses and each
+    left-out head is what the local loss measures, so each must be a calibrated classifier of its own blocks,
+    not a free output that the information losses could bend at will.
     """
-    return _distance_rows(out.whole.detach(), out.fused, distance, temperature).mean()
+    ce = cross_entropy(out.fused.float(), target, label_smoothing) + cross_entropy(out.whole.float(), target,
+                                                                                 label_smoothing)
+    for left_out in out.dropped:
+        ce = ce + cross_entropy(left_out.float(), target, label_smoothing)
+    return ce
 
 
-def lib_local_loss(out: "LIBOutput", distance: str = "kl", margin: float = 0.1) -> Tensor:
-    """Local information loss: every block must carry information that the other blocks lack.
+def lib_global_loss(out: "LIBOutput", temperature: float = LIB_TEMPERATURE, distance: str = "kl") -> Tensor:
+    """Global information loss (GIL): the global feature z must keep what all the blocks know together.
 
-    If block ``i`` held nothing new, dropping it would leave the all-blocks prediction unchanged, so the
-    loss asks the prediction without block ``i`` to differ from the full one by at least ``margin``:
-    ``mean over samples and blocks of max(0, margin - D_i)``, with ``D_i = distance(whole, dropped[i])``
-    per sample (T = 1). The full prediction is the reference and is **detached**: the gradient moves the
-    dropped predictions (the shared classifier and the blocks), not the prediction that CE is fitting.
+    ``GIL = mean_b KL(p(y|z) || sg(p(y|f_1..f_n)))`` at temperature T, where ``p(y|z)`` is the fused head (the
+    prediction) and ``p(y|f_1..f_n)`` the all-blocks head; the paper's I(z; y) should reach I(f_1..f_n; y).
+    The direction, KL from the fused to the all-blocks distribution, is the authors' (``KLDivLoss(log
+    p_all.detach(), p_z)``).
 
-    Maximising a distance is unbounded; the hinge bounds the loss to [0, margin] and stops pushing once a
-    sample's blocks are distinct enough, so it cannot diverge or drown the CE. The default 0.1 (nats of KL,
-    or probability mass moved for Sinkhorn on two classes) asks, e.g., that a 0.99 fake score fall to about
-    0.87 without any one block.
+    Detached: the all-blocks side (``sg``), as in the authors' code. It is the teacher: a plain linear
+    classifier that sees every block, fitted by CE alone. The gradient moves the fused head, the fusion
+    bottleneck and, through it, the blocks, so that z passes on all the blocks' information; left free, the
+    loss would equally pull the all-blocks head down to what a bottleneck that dropped a clue still predicts.
     """
-    n = out.dropped.shape[0]
-    reference = out.whole.detach().unsqueeze(0).expand(n, *out.whole.shape)
-    d = _distance_rows(reference.flatten(0, 1), out.dropped.flatten(0, 1), distance)
-    return F.relu(margin - d).mean()
+    return _distance_rows(out.fused, out.whole.detach(), distance, temperature).mean()
+
+
+def lib_local_loss(out: "LIBOutput", temperature: float = LIB_TEMPERATURE, distance: str = "kl") -> Tensor:
+    """Local information loss (LIL): every block must carry information that the other blocks lack.
+
+    ``LIL = exp(-sum_i mean_b KL(p(y|f_-i) || sg(p(y|f_1..f_n))))`` at temperature T, where ``p(y|f_-i)``
+    is left-out head ``i`` (every block but ``i``, a head of its own trained with CE). If block ``i`` held
+    nothing the others lack, the best prediction without it equals the one with it: KL 0. Hence
+    ``LIL = 1`` when all the blocks are redundant (e.g. identical), and it falls toward 0 as each block
+    becomes indispensable. The exponential bounds the loss to (0, 1]: maximising a KL is unbounded, and the
+    bound stops it from drowning the CE terms once the blocks differ.
+
+    Detached: the all-blocks side, as in the authors' code. Raising the KL by changing the reference would
+    be the cheap way out (make the all-blocks head worse), so only the left-out heads and the blocks they
+    read get the gradient, while CE keeps each left-out head an honest classifier of its ``n - 1`` blocks.
+    Caveat, of the paper's loss itself: a left-out head that is more confident than the all-blocks head also
+    raises the KL, so LIL is a training signal, not a proof of complementary blocks.
+
+    Args:
+        out: LIB outputs; ``out.dropped`` is ``[n, B, K]``.
+        temperature: T of the tempered softmaxes (the authors' 1.5).
+        distance: ``"kl"`` or ``"sinkhorn"``.
+    """
+    reference = out.whole.detach().unsqueeze(0).expand_as(out.dropped)
+    per_block = _distance_rows(out.dropped, reference, distance, temperature).mean(dim=1)  # [n]
+    return torch.exp(-per_block.sum())

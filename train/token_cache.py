@@ -1,0 +1,173 @@
+"""Cache a frozen CLIP tower's per-layer tokens for every labelled image, so heads train in seconds.
+
+A full backward pass through ViT-B/16 runs at a few images per second on a 2-core CPU (``bench/train_speed.py``);
+a frozen tower needs one forward pass per image, ever. This module runs it once over labels CSVs and keeps,
+per image and per layer, the class token and the means of a ``g x g`` grid of patch tokens, all through the
+tower's final LayerNorm (:meth:`experts.clip.ClipExpert.layer_tokens`, the very code the expert scores
+with). ``train/heads.py`` then fits linear or LIB heads on any layer or set of layers, on cluster folds,
+in seconds, and writes experts that ``infer.py`` loads.
+
+    python train/token_cache.py ../shared/data/*/labels.csv --out runs/tokens/clip_vit_b16-224
+
+Images go through the validation protocol's transform (resize, then JPEG quality 75 for both classes), so
+the cache cannot carry the classes' different compression histories (the ``gan_faces`` trap) into a head.
+Shards of ``--shard-size`` images are written atomically; running the command again resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # `python train/token_cache.py` from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.numpy import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data_prep.dataset import ImageDataset
+from data_prep.labels import read_labels
+from data_prep.transforms import shortcut_free_eval_transform
+from experts import create_expert
+from experts.clip import ClipExpert
+
+INDEX = "index.csv"
+META = "cache.json"
+
+
+def shard_path(out: Path, i: int) -> Path:
+    return out / f"shard-{i:05d}.safetensors"
+
+
+def build_cache(csvs: Sequence[str | Path], out: str | Path, *, expert_name: str = "clip_vit_b16",
+                pretrained: str = "clip_vit_b16_openai", input_size: int = 224, grid: int = 2,
+                jpeg_quality: int = 75, batch_size: int = 32, workers: int = 2, shard_size: int = 512,
+                progress: bool = True) -> Path:
+    """Embed every image of ``csvs`` into ``out`` (see the module docstring); returns ``out``.
+
+    Every layer of the tower is kept (``[N, n_layers, 1 + grid * grid, D]`` float16 over the shards), so
+    the choice of layers, depth and head comes after, from numbers.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Each CSV's rows in a seeded random order: the shards fill in that order, so the finished part of a
+    # cache that is still growing is a fair sample of every set (``load_cache(..., partial=True)``).
+    rows = pd.concat([read_labels(c).assign(set=Path(c).parent.name).sample(frac=1.0, random_state=0)
+                      for c in csvs], ignore_index=True)
+    expert = create_expert(expert_name, pretrained=pretrained, input_size=input_size).eval()
+    if not isinstance(expert, ClipExpert):
+        raise ValueError(f"{expert_name}: the token cache needs a CLIP expert")
+    layers = list(range(1, expert.config.backbone_config["num_hidden_layers"] + 1))
+    meta = {"expert": expert_name, "pretrained": pretrained, "input_size": input_size, "grid": grid,
+            "jpeg_quality": jpeg_quality, "layers": layers, "config": expert.config.to_dict(),
+            "csvs": [str(c) for c in csvs], "n": len(rows), "shard_size": shard_size}
+    _check_same_cache(out, meta)
+    _write_atomic(out / INDEX, lambda p: rows.to_csv(p, index=False))
+    _write_atomic(out / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+
+    transform = {input_size: shortcut_free_eval_transform(input_size, jpeg_quality)}
+    n_shards = (len(rows) + shard_size - 1) // shard_size
+    todo = [i for i in range(n_shards) if not shard_path(out, i).is_file()]
+    bar = tqdm(total=len(rows), initial=(n_shards - len(todo)) * shard_size if todo else len(rows),
+               desc="tokens", unit="img", disable=not progress, dynamic_ncols=True)
+    for i in todo:
+        part = rows.iloc[i * shard_size:(i + 1) * shard_size]
+        dataset = ImageDataset(part["path"].tolist(), transform, part["target"].tolist())
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+        tokens, errors = [], []
+        with torch.inference_mode():
+            for batch in loader:
+                x = expert.normalize(batch["images"][input_size])
+                tokens.append(expert.layer_tokens(x, layers, grid).half().numpy())
+                errors += list(batch["error"])
+                bar.update(len(x))
+        ok = np.array([not e for e in errors])
+        for path, e in zip(part["path"], errors):
+            if e:
+                tqdm.write(f"warning: {e} (left out of the cache)", file=sys.stderr)
+        _write_atomic(shard_path(out, i), partial(_save_shard, np.concatenate(tokens), ok))
+    bar.close()
+    return out
+
+
+def _save_shard(tokens: np.ndarray, ok: np.ndarray, path: str) -> None:
+    save_file({"tokens": tokens, "ok": ok.astype(np.uint8)}, path)
+
+
+def _check_same_cache(out: Path, meta: dict) -> None:
+    """Refuse to resume into a cache made with other settings (its shards would mix two embeddings)."""
+    old = out / META
+    if old.is_file():
+        previous = json.loads(old.read_text())
+        if {k: v for k, v in previous.items() if k != "config"} != {k: v for k, v in meta.items() if k != "config"}:
+            raise SystemExit(f"error: {out} holds a cache made with other settings ({old}); use another --out")
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(folder: str | Path, partial: bool = False) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """``(rows, tokens, meta)``: the index (one row per image, with ``ok``), ``[N, L, 1 + g * g, D]`` float16
+    tokens (zeros for unreadable images) and the cache's settings.
+
+    ``partial=True`` returns the finished leading shards of a cache still being built (a seeded random
+    sample of each set, in the order of the CSVs) instead of refusing it.
+    """
+    folder = Path(folder)
+    meta = json.loads((folder / META).read_text())
+    rows = pd.read_csv(folder / INDEX, keep_default_na=False)
+    n_shards = (len(rows) + meta["shard_size"] - 1) // meta["shard_size"]
+    missing = [i for i in range(n_shards) if not shard_path(folder, i).is_file()]
+    if missing and not partial:
+        raise FileNotFoundError(f"{folder}: {len(missing)} of {n_shards} shards missing; run the cache command "
+                                "again to finish it")
+    n_shards = missing[0] if missing else n_shards
+    rows = rows.iloc[: min(len(rows), n_shards * meta["shard_size"])].copy()
+    shards = [load_file(str(shard_path(folder, i))) for i in range(n_shards)]
+    rows["ok"] = np.concatenate([s["ok"] for s in shards]).astype(bool)
+    return rows, np.concatenate([s["tokens"] for s in shards]), meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Cache a frozen CLIP tower's per-layer tokens of labelled images.")
+    p.add_argument("csvs", nargs="+", help="labels CSVs (img_name,target[,group,source])")
+    p.add_argument("--out", required=True, type=Path, help="cache folder (resumed when it exists)")
+    p.add_argument("--expert", default="clip_vit_b16", help="a CLIP expert name")
+    p.add_argument("--pretrained", default="clip_vit_b16_openai", help="offline base name, or a local folder")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--grid", type=int, default=2, help="regions per side kept for LIB heads")
+    p.add_argument("--jpeg-quality", type=int, default=75, help="re-encoding quality, both classes")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--shard-size", type=int, default=512)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = build_cache(args.csvs, args.out, expert_name=args.expert, pretrained=args.pretrained,
+                      input_size=args.input_size, grid=args.grid, jpeg_quality=args.jpeg_quality,
+                      batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size)
+    print(f"token cache: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
