@@ -1,4 +1,5 @@
-"""Inference speed and peak memory of the default ensemble against the original solution's, on the same images.
+"""Inference speed and peak memory of the default ensemble against the original solution's, on the same images,
+and what each expert's forward pass costs.
 
     python bench/infer_speed.py                          # CPU: default weights at batch 1 and 32, original at 4
     python bench/infer_speed.py --no-original --batch-sizes 1 8 64 --device cuda --images 512
@@ -22,6 +23,14 @@ measured so far. The timing covers the whole scoring path of ``infer.py`` (``eva
 decoding, resizing and the ensemble's forward pass), after one warm-up batch, on real images from
 ``../shared/data`` when present (else the ``demo/`` images, repeated), or ``--image-dir``. Both models score the
 same image list; the original, about 0.2 images/s on a 2-core CPU, scores only its first ``--original-images``.
+
+**Per expert**: in the same process, after the ensemble's timed run (and after its peak memory is read), the
+same images are decoded and resized again into the same batches, and on each batch every expert's forward pass
+is timed alone (``Ensemble.expert_probs`` of a one-expert ensemble: the channels-last copy, the expert, the
+softmax; on CUDA synchronised before and after), so decoding and resizing are not in it. The second table
+gives each expert's images/s, its milliseconds per image and its share of the experts' summed forward time,
+and a row "all experts" with the sum: set against the ensemble's end-to-end images/s of the first table, the
+difference is what decoding and resizing cost. ``--no-per-expert`` skips this pass.
 
 The ratio line compares the fastest run of each model (the batch sizes it used are named in the line).
 On a CPU shared with other work (a training job), pass ``--threads 1``: torch's OpenMP threads, one per core
@@ -134,8 +143,23 @@ def original_spec(config: str | Path = ORIGINAL_CONFIG, label: str = "original")
 
 
 @dataclass
+class ExpertTiming:
+    """One expert's forward pass alone, on the batches of a run: ``images`` scored in ``seconds``."""
+
+    key: str
+    name: str
+    input_size: int
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
 class Result:
-    """One measured run: a model at one batch size."""
+    """One measured run: a model at one batch size (``per_expert``: its experts timed alone, if asked)."""
 
     label: str
     source: str
@@ -147,6 +171,7 @@ class Result:
     peak_rss_mib: float
     peak_gpu_mib: float | None
     threads: int = 0
+    per_expert: list[ExpertTiming] = field(default_factory=list)
 
 
 def sample_images(n: int, folder: str | Path | None = None) -> list[str]:
@@ -162,12 +187,55 @@ def sample_images(n: int, folder: str | Path | None = None) -> list[str]:
     return [str(pool[i % len(pool)]) for i in range(n)]
 
 
+def time_experts(ensemble, paths: Sequence[str], batch_size: int, device: str) -> list[ExpertTiming]:
+    """Each expert of ``ensemble`` timed alone on the batches ``score_images`` makes of ``paths``.
+
+    The batches are built as ``evaluation.scoring.score_batches`` builds them (the same dataset, transform per
+    input size and loader, unreadable images dropped), one at a time so that memory stays flat; each batch is
+    moved to ``device`` once, untimed, then every expert's forward pass runs on it under its own clock, through
+    ``Ensemble.expert_probs`` of a one-expert ensemble: the code path, autocast included, of the ensemble's
+    run. Call it after a warm-up (the ensemble's run is one): the first batch would otherwise pay for it.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from data_prep.dataset import ImageDataset
+    from data_prep.transforms import eval_transform
+    from experts import Ensemble
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    singles = {key: Ensemble({key: expert}) for key, expert in ensemble.experts.items()}
+    seconds = dict.fromkeys(singles, 0.0)
+    dataset = ImageDataset(list(paths), {s: eval_transform(s) for s in ensemble.input_sizes})
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, pin_memory=cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    images_done = 0
+    for batch in loader:
+        ok = torch.tensor([not e for e in batch["error"]])
+        if not ok.any():
+            continue
+        images = {s: t[ok].to(device) for s, t in batch["images"].items()}
+        images_done += int(ok.sum())
+        for key, single in singles.items():
+            sync()
+            start = time.perf_counter()
+            with autocast:
+                single.expert_probs(images)
+            sync()
+            seconds[key] += time.perf_counter() - start
+    return [ExpertTiming(key, expert.config.name, expert.config.input_size, images_done, seconds[key])
+            for key, expert in ensemble.experts.items()]
+
+
 def measure(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str, queue: mp.Queue,
-            threads: int | None = None) -> None:
+            threads: int | None = None, per_expert: bool = True) -> None:
     """Build ``spec``, score ``paths`` once (after a warm-up batch) and put a :class:`Result` on ``queue``.
 
     Runs in a process of its own (see :func:`run_spec`); any exception goes on the queue as text instead.
-    ``threads`` sets torch's CPU threads (default: torch's own choice, one per core).
+    ``threads`` sets torch's CPU threads (default: torch's own choice, one per core). ``per_expert`` then
+    times each expert alone on the same batches (:func:`time_experts`), after the peak memory is read.
     """
     try:
         import torch
@@ -189,24 +257,27 @@ def measure(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str,
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        queue.put(Result(
+        result = Result(
             label=spec.label, source=spec.source(),
             experts=[e.config.name for e in ensemble.experts.values()], input_sizes=ensemble.input_sizes,
             batch_size=batch_size, images=len(scores), images_per_s=len(scores) / seconds,
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             threads=torch.get_num_threads(),
-        ))
+        )
+        if per_expert:  # after the peaks are read: this pass must not count in the ensemble's memory
+            result.per_expert = time_experts(ensemble, paths, batch_size, device)
+        queue.put(result)
     except BaseException:  # noqa: BLE001  (reported by the parent, which would otherwise wait forever)
         queue.put(traceback.format_exc())
 
 
 def run_spec(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str,
-             threads: int | None = None) -> Result:
+             threads: int | None = None, per_expert: bool = True) -> Result:
     """:func:`measure` in a fresh spawned process, so its peak memory is its own; errors are re-raised here."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=measure, args=(spec, list(paths), batch_size, device, queue, threads))
+    proc = ctx.Process(target=measure, args=(spec, list(paths), batch_size, device, queue, threads, per_expert))
     proc.start()
     try:
         while True:
@@ -225,13 +296,13 @@ def run_spec(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str
 
 
 def run_benchmark(plan: Sequence[tuple[ModelSpec, Sequence[int], Sequence[str]]], device: str,
-                  threads: int | None = None, log=print) -> list[Result]:
+                  threads: int | None = None, log=print, per_expert: bool = True) -> list[Result]:
     """Measure each (spec, batch sizes, image paths) of ``plan``; one spawned process per batch size."""
     results = []
     for spec, batch_sizes, paths in plan:
         for batch_size in batch_sizes:
             log(f"measuring {spec.label} at batch {batch_size} on {len(paths)} images ...")
-            results.append(run_spec(spec, paths, batch_size, device, threads))
+            results.append(run_spec(spec, paths, batch_size, device, threads, per_expert))
     return results
 
 
@@ -264,8 +335,35 @@ def ratio_line(results: Sequence[Result], default: str = "default", original: st
             + ", ".join(parts))
 
 
+PER_EXPERT_HEADERS = ["model", "batch", "expert", "input px", "images/s", "ms/image", "share of experts' time"]
+PER_EXPERT_TITLE = ("per expert: each expert's forward pass timed alone on the same decoded and resized batches, "
+                    "in the same process (no decoding or resizing); \"all experts\" is the sum of their times")
+
+
+def per_expert_table(results: Sequence[Result]) -> str | None:
+    """A Markdown table of each run's experts timed alone, and their sum (None if no run timed them)."""
+    from tabulate import tabulate
+
+    rows = []
+    for r in results:
+        if not r.per_expert:
+            continue
+        total = sum(t.seconds for t in r.per_expert)
+        for t in r.per_expert:
+            name = t.key if t.key == t.name else f"{t.key} ({t.name})"
+            rows.append([r.label, r.batch_size, name, t.input_size, _rate(t.images_per_s),
+                         f"{1000 * t.seconds / max(t.images, 1):.3g}",
+                         f"{100 * t.seconds / total:.0f}%" if total > 0 else "-"])
+        n = r.per_expert[0].images
+        rows.append([r.label, r.batch_size, f"all {len(r.per_expert)} experts", "/".join(map(str, r.input_sizes)),
+                     _rate(n / total) if total > 0 else "-", f"{1000 * total / max(n, 1):.3g}", "100%"])
+    if not rows:
+        return None
+    return tabulate(rows, PER_EXPERT_HEADERS, tablefmt="github", missingval="-", disable_numparse=True)
+
+
 def report(results: Sequence[Result]) -> str:
-    """What each model is, a Markdown table of the runs and the ratio line."""
+    """What each model is, a Markdown table of the runs, the ratio line and the per-expert table."""
     from tabulate import tabulate
 
     lines, seen = [], set()
@@ -281,6 +379,9 @@ def report(results: Sequence[Result]) -> str:
     ratios = ratio_line(results)
     if ratios:
         lines += ["", ratios]
+    experts = per_expert_table(results)
+    if experts:
+        lines += ["", PER_EXPERT_TITLE, "", experts]
     return "\n".join(lines)
 
 
@@ -297,6 +398,8 @@ def main(argv: Sequence[str] | None = None, original: ModelSpec | None = None) -
                         help="torch CPU threads in each measuring process (default: torch's, one per core); "
                              "on a machine busy with other work, 1 avoids OpenMP threads waiting on each other")
     parser.add_argument("--no-original", action="store_true", help="measure the default ensemble only")
+    parser.add_argument("--no-per-expert", action="store_true",
+                        help="skip timing each expert alone on the same batches (a second pass over the images)")
     parser.add_argument("--original-config", default=str(ORIGINAL_CONFIG),
                         help="training config listing the original experts (its timm experts are kept)")
     parser.add_argument("--original-batch-size", dest="original_batch_sizes", type=int, nargs="+", default=[4],
@@ -319,7 +422,8 @@ def main(argv: Sequence[str] | None = None, original: ModelSpec | None = None) -
 
     print(f"device: {args.device}; torch threads: {args.threads or torch.get_num_threads()}; images per run: "
           + ", ".join(f"{spec.label} {len(p)}" for spec, _, p in plan), flush=True)
-    results = run_benchmark(plan, args.device, args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
+    results = run_benchmark(plan, args.device, args.threads, log=lambda m: print(m, file=sys.stderr, flush=True),
+                            per_expert=not args.no_per_expert)
     print(report(results))
     return 0
 

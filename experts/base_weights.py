@@ -12,7 +12,8 @@ use :func:`fetch_base_weights`
 4. checks the result against a second pinned sha256, so every user scores with bit-identical base weights,
    and renames it into place: a crash never leaves half a file in the cache.
 
-Later uses only re-hash the cached file. The cache is ``$DEEPFAKE_DETECTOR_CACHE``, else
+Later uses only re-hash the cached file. ``python -m experts.fetch [NAME ...]`` fetches ahead of time
+(what ``.ci/run`` does at install, so no test downloads anything). The cache is ``$DEEPFAKE_DETECTOR_CACHE``, else
 ``$XDG_CACHE_HOME/deepfake-detector`` (``~/.cache/deepfake-detector``).
 
 A shipped weights folder records the base's name and sha256 and holds only what training changed (the
@@ -226,3 +227,4 @@ def load_base_state_dict(name: str, prefix: str = "") -> dict[str, torch.Tensor]
 
     state = load_file(str(fetch_base_weights(name)))
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+

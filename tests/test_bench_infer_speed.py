@@ -72,15 +72,70 @@ def test_cli_measures_default_and_original_on_the_same_images(tmp_path: Path, ca
                            "--original-batch-size", "1", "--threads", "1"], original=tiny_original)
     assert rc == 0
     out = capsys.readouterr().out
-    table = [line for line in out.splitlines() if line.startswith("|")]
-    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table]
-    assert cells[0] == ["model", "experts", "input px", "batch", "images/s", "peak RSS MiB", "peak GPU MiB"]
-    rows = cells[2:]
+    runs, experts = markdown_tables(out)
+    assert runs[0] == ["model", "experts", "input px", "batch", "images/s", "peak RSS MiB", "peak GPU MiB"]
+    rows = runs[2:]
     assert [r[:4] for r in rows] == [["default", "1", "64", "2"], ["original", "2", "96", "1"]]
     assert all(float(r[4]) > 0 and float(r[5]) > 0 and r[6] == "-" for r in rows)
     assert "original: random weights; 1x test_efficientnet, 1x test_convnext" in out
     assert "default vs original (fastest run of each: batch 2 vs batch 1): " in out
     assert "x the images/s" in out and "x the peak RSS" in out
+
+    # Each expert timed alone, per run, then their sum; the key names the expert, with its registry name if other.
+    assert experts[0] == infer_speed.PER_EXPERT_HEADERS
+    rows = experts[2:]
+    assert [r[:4] for r in rows] == [
+        ["default", "2", "eff (test_efficientnet)", "64"], ["default", "2", "all 1 experts", "64"],
+        ["original", "1", "a (test_efficientnet)", "96"], ["original", "1", "b (test_convnext)", "96"],
+        ["original", "1", "all 2 experts", "96"]]
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    shares = [int(r[6].rstrip("%")) for r in rows]
+    assert shares[:2] == [100, 100] and shares[4] == 100 and 99 <= shares[2] + shares[3] <= 101
+    # The sum of the experts' milliseconds per image is the "all experts" row's.
+    assert float(rows[4][5]) == pytest.approx(float(rows[2][5]) + float(rows[3][5]), rel=0.02)
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """The cells of each Markdown table in ``text`` (header, separator and rows), tables split at other lines."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([cell.strip() for cell in line.split("|")[1:-1]])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_cli_no_per_expert_prints_the_runs_table_only(tmp_path: Path, capsys):
+    weights = save_ensemble({"eff": create_expert("test_efficientnet")}, tmp_path / "weights")
+    write_labelled_set(tmp_path / "set", n=2, size=48)
+    rc = infer_speed.main(["--weights", str(weights), "--image-dir", str(tmp_path / "set" / "images"), "--images", "2",
+                           "--batch-sizes", "2", "--no-original", "--no-per-expert", "--threads", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert len(markdown_tables(out)) == 1 and "per expert" not in out
+
+
+def test_time_experts_times_each_expert_on_every_readable_image(tmp_path: Path):
+    """In-process (no spawn): every expert sees the same readable images, in batches; unreadable ones are skipped."""
+    from experts import Ensemble
+
+    write_labelled_set(tmp_path / "set", n=3, size=40)
+    paths = infer_speed.sample_images(3, tmp_path / "set" / "images")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    ensemble = Ensemble({"a": create_expert("test_efficientnet"),
+                         "b": create_expert("test_clip", input_size=32)}).eval()
+    timings = infer_speed.time_experts(ensemble, paths + [str(tmp_path / "broken.jpg")], 2, "cpu")
+    assert [(t.key, t.name, t.input_size, t.images) for t in timings] == [
+        ("a", "test_efficientnet", 64, 3), ("b", "test_clip", 32, 3)]
+    assert all(t.seconds > 0 and t.images_per_s == t.images / t.seconds for t in timings)
+
+
+def test_per_expert_table_is_absent_without_timings():
+    result = Result("default", "", ["e"], [224], 1, 4, 10.0, 500.0, None)
+    assert infer_speed.per_expert_table([result]) is None
+    assert "per expert" not in infer_speed.report([result])
 
 
 def test_a_failing_measurement_is_reported_as_text_not_lost(tmp_path: Path):

@@ -1,0 +1,141 @@
+"""Does a frozen-CLIP expert earn its place beside a trained ensemble? Chosen on folds, reported on test clusters.
+
+    python evaluation/with_clip.py --weights weights --cache runs/tokens/clip_vit_b16-224 \\
+        --splits runs/clusters_v1/splits.csv --val-clusters 0 1 --val-sets general_scenes --test-clusters 3 6
+
+The weights folder's experts (e.g. the Lite0 pair of the joint recipe) were trained on cluster folds; a
+CLIP head (``train/heads.py``) trains on cached tokens in seconds, so it can be refit for every fold:
+
+* **validation folds** (``--val-clusters``, ``--val-sets``): each scored by the weights' experts that never
+  trained on it (the manifest's ``validation_sets``; a set the run never used counts for every expert) and
+  by a CLIP head trained without it and without the test clusters. The candidate ensembles (the weights'
+  experts, CLIP alone, both) are compared on the mean validation AUC, and the winner's decision threshold
+  is chosen on its pooled validation scores (``--fpr`` of validation reals called fake);
+* **test clusters** (``--test-clusters``): held out of everything (the recipe's test clusters, and of the
+  CLIP head); scored once, for the report, never for a choice.
+
+Every image goes through the validation protocol: resized, re-encoded at the cache's JPEG quality.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # `python evaluation/with_clip.py` from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pandas as pd
+
+from evaluation.metrics import detection_metrics
+from evaluation.threshold import choose_threshold
+from evaluation.validate import score_labelled
+from experts import load_ensemble, read_manifest
+from train.heads import (HeadSpec, balanced_weights, build_expert, cached_features, cluster_of_rows, fit_head,
+                         predict)
+from train.token_cache import load_cache
+
+CLIP = "clip"
+
+
+def eligible_experts(manifest: dict, set_name: str, cluster: int | None) -> list[str]:
+    """The weights' experts that never trained on a set: for cluster c, those whose ``validation_sets``
+    entry ``fold_c`` names them, or all of them when c was a test cluster or a set the run never used."""
+    keys = [e["key"] for e in manifest["experts"]]
+    record = manifest.get("merged_from", [{}])[0].get("training", manifest.get("training", {}))
+    if cluster is None:
+        return keys
+    test = set(record.get("test_sets", []))
+    if f"cluster_{cluster}" in test:
+        return keys
+    validated = (record.get("validation_sets") or {}).get(f"fold_{cluster}")
+    return [k for k in keys if k in (validated or [])]
+
+
+def clip_probs(rows: pd.DataFrame, tokens: np.ndarray, meta: dict, spec: HeadSpec, held: np.ndarray,
+               excluded: np.ndarray) -> np.ndarray:
+    """Fake probabilities of the ``held`` rows from a CLIP head trained on the other usable, non-excluded rows."""
+    ok, targets = rows["ok"].to_numpy(), rows["target"].to_numpy()
+    features = cached_features(tokens, meta, spec)
+    train = ok & ~held & ~excluded
+    expert = fit_head(build_expert(meta, spec, with_base=False), features[train], targets[train],
+                      balanced_weights(rows[train]), spec)
+    return predict(expert, features[held])
+
+
+def candidate_table(targets: np.ndarray, probs: dict[str, np.ndarray], eligible: list[str]) -> dict[str, dict]:
+    """Metrics of each candidate ensemble (mean of its eligible members' probabilities) on one set."""
+    trained = [k for k in probs if k != CLIP and k in eligible]
+    candidates = {"trained experts": trained, "clip": [CLIP], "trained experts + clip": trained + [CLIP]}
+    out = {}
+    for name, members in candidates.items():
+        if members:
+            p = np.mean([probs[m] for m in members], axis=0)
+            out[name] = {**detection_metrics(targets, p), "probs": p, "members": members}
+    for key in trained:
+        out[f"expert {key}"] = {**detection_metrics(targets, probs[key]), "probs": probs[key], "members": [key]}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", type=Path, default=Path("weights"))
+    p.add_argument("--cache", type=Path, required=True, help="token cache of train/token_cache.py")
+    p.add_argument("--splits", type=Path, required=True, help="the splits.csv the weights were trained on")
+    p.add_argument("--val-clusters", type=int, nargs="*", default=[])
+    p.add_argument("--val-sets", nargs="*", default=[], help="labelled sets (cache 'set' names) the weights never saw")
+    p.add_argument("--test-clusters", type=int, nargs="+", required=True)
+    p.add_argument("--layers", type=int, nargs="+", default=[12])
+    p.add_argument("--head", choices=("linear", "lib"), default="linear")
+    p.add_argument("--fpr", type=float, default=0.05, help="threshold: share of validation reals called fake")
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args(argv)
+
+    rows, tokens, meta = load_cache(args.cache)
+    cluster = cluster_of_rows(rows, args.splits)
+    test_mask = np.isin(cluster, args.test_clusters)
+    sets = {f"cluster {c}": (cluster == c, c, "val") for c in args.val_clusters}
+    sets |= {f"set {s}": ((rows["set"] == s).to_numpy() & ~test_mask, None, "val") for s in args.val_sets}
+    sets |= {f"cluster {c}": (cluster == c, c, "test") for c in args.test_clusters}
+    spec = HeadSpec(layers=args.layers, head=args.head)
+    ensemble = load_ensemble(args.weights)
+    manifest = read_manifest(args.weights)
+
+    results: dict[str, dict] = {}
+    for name, (mask, c, part) in sets.items():
+        held = mask & rows["ok"].to_numpy()
+        targets, trained = score_labelled(ensemble, rows[held], meta["jpeg_quality"], workers=args.workers)
+        probs = {k: trained[:, i] for i, k in enumerate(ensemble.names)}
+        excluded = test_mask if part == "val" else np.zeros_like(test_mask)
+        probs[CLIP] = clip_probs(rows, tokens, meta, spec, held, excluded | (test_mask & ~held))
+        results[name] = {"part": part, "targets": targets,
+                         "table": candidate_table(targets, probs, eligible_experts(manifest, name, c))}
+        for cand, m in results[name]["table"].items():
+            print(f"{part:4s} {name:28s} {cand:28s} n {int(m['n']):5d}  AUC {m['auc']:.4f}  "
+                  f"TPR@FPR1e-3 {m['tpr@fpr1e-3']:.4f}")
+
+    val = [n for n, r in results.items() if r["part"] == "val"]
+    if not val:
+        return 0
+    candidates = ["trained experts", "clip", "trained experts + clip"]
+    means = {c: np.mean([results[n]["table"][c]["auc"] for n in val if c in results[n]["table"]]) for c in candidates}
+    best = max(means, key=means.get)
+    print("mean validation AUC: " + ", ".join(f"{c} {m:.4f}" for c, m in means.items()) + f" -> chosen: {best}")
+    pooled_t = np.concatenate([results[n]["targets"] for n in val])
+    pooled_p = np.concatenate([results[n]["table"][best]["probs"] for n in val])
+    threshold = choose_threshold(pooled_t, pooled_p, rule="fpr", target_fpr=args.fpr)
+    print(f"threshold for {best} at validation FPR {args.fpr}: {threshold['value']:.4f} "
+          f"(TPR {threshold['tpr']:.3f}, FPR {threshold['fpr']:.3f} on {len(pooled_t)} validation images)")
+    for n, r in results.items():
+        if r["part"] == "test":
+            m = r["table"][best]
+            called = m["probs"][r["targets"] == 0] >= threshold["value"]
+            print(f"test (report only) {n}: {best} AUC {m['auc']:.4f}, TPR@FPR1e-3 {m['tpr@fpr1e-3']:.4f}, "
+                  f"reals called fake at the threshold {called.mean():.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
