@@ -47,10 +47,16 @@ trainable parameters, images/s (image-epochs/s for a head on cached features) an
 10,000 images takes: for training, at that row's images/s; for the frozen tower, the one-off cache pass
 (marked "once") and a head epoch. A line under the table adds up a frozen-tower training: the cache once,
 then ``HeadSpec.epochs`` head epochs (``train/heads.py``'s default).
+
+**CPU use** (last column) is the process's CPU seconds, every thread, per wall-clock second and per torch
+thread, over the timed part: near 100% when the run had its cores to itself, about 50% when another
+process took one of two cores (Linux gives each login session its fair share, whatever the ``nice`` of its
+processes): that row's images/s are then too low, and should be measured again on a quiet machine.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -73,7 +79,8 @@ ALL_LOSSES = {"ce": 1.0, "kl_noise": 1.0, "nce": 0.1, "lib_global": 1.0, "lib_lo
 DEFAULT_EXPERTS = ["efficientnet_lite0", "convnext_atto", "clip_vit_b16:lib:layernorm"]
 MODES = ("train", "frozen", "fwd")
 EPOCH_IMAGES = 10_000
-HEADERS = ["spec", "timed", "input px", "depth", "trainable params", "images/s", f"epoch of {EPOCH_IMAGES:,} images"]
+HEADERS = ["spec", "timed", "input px", "depth", "trainable params", "images/s", f"epoch of {EPOCH_IMAGES:,} images",
+           "CPU use"]
 _NUMBERED = re.compile(r"(last|frozen|depth)(\d+)")
 
 
@@ -183,6 +190,23 @@ class Row:
     rate: float
     epoch: str  # "" for no epoch (forward only), else how an epoch over EPOCH_IMAGES reads
     seconds_per_epoch: float | None = None
+    cpu_use: float | None = None  # Timing.cpu_use of the timed part (None on CUDA)
+
+
+@dataclass
+class Timing:
+    """Wall-clock and process CPU seconds (every thread) of a timed part, run with ``threads`` torch threads."""
+
+    wall: float
+    cpu: float
+    threads: int
+    cuda: bool = False
+
+    @property
+    def cpu_use(self) -> float | None:
+        """CPU seconds per wall second per torch thread: near 1 when the process had its cores to itself, about
+        0.5 when another process took half of them (its images/s are then too low); None on CUDA."""
+        return None if self.cuda else self.cpu / (self.wall * self.threads)
 
 
 def duration(seconds: float) -> str:
@@ -198,17 +222,32 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def _timed(step, repeats: int, device: torch.device) -> float:
-    """Seconds for ``repeats`` calls of ``step`` after one untimed warm-up call."""
+class _Clock:
+    """``with _Clock(device) as clock:`` ... then ``clock.timing``: the block's wall and CPU time."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> "_Clock":
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.timing = Timing(time.perf_counter() - self.start, time.process_time() - self.start_cpu,
+                             torch.get_num_threads(), self.cuda)
+
+
+def _timed(step, repeats: int, device: torch.device) -> Timing:
+    """The :class:`Timing` of ``repeats`` calls of ``step`` after one untimed warm-up call."""
     step()  # warm-up: allocations, oneDNN / cuDNN choices
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    with _Clock(device) as clock:
+        for _ in range(repeats):
+            step()
+    return clock.timing
 
 
 def _depth(expert) -> int | None:
@@ -230,8 +269,8 @@ def images_per_second(spec: str | Spec, losses: dict[str, float], batch_size: in
 
 
 def train_rate(spec: Spec, losses: dict[str, float], batch_size: int, steps: int,
-               device: torch.device) -> tuple[float, Any]:
-    """``(images/s, expert)`` of full training steps, as ``train/joint.py`` takes them."""
+               device: torch.device) -> tuple[float, Any, Timing]:
+    """``(images/s, expert, timing)`` of full training steps, as ``train/joint.py`` takes them."""
     name = spec.name
     torch.manual_seed(0)
     expert = spec.build().to(device).to(memory_format=torch.channels_last).train()
@@ -253,11 +292,13 @@ def train_rate(spec: Spec, losses: dict[str, float], batch_size: int, steps: int
         optimizer.zero_grad(set_to_none=True)
         ema.update()
 
-    return batch_size * steps / _timed(step, steps, device), expert
+    timing = _timed(step, steps, device)
+    return batch_size * steps / timing.wall, expert, timing
 
 
-def forward_rate(spec: Spec, batch_size: int, steps: int, device: torch.device, as_cache: bool) -> tuple[float, Any]:
-    """``(images/s, expert)`` of inference-mode forward passes: the expert with its head, or (``as_cache``)
+def forward_rate(spec: Spec, batch_size: int, steps: int, device: torch.device,
+                 as_cache: bool) -> tuple[float, Any, Timing]:
+    """``(images/s, expert, timing)`` of inference-mode forward passes: the expert with its head, or (``as_cache``)
     what ``train/token_cache.py`` computes per batch (every layer's tokens of a CLIP tower)."""
     from experts.clip import ClipExpert
 
@@ -281,11 +322,12 @@ def forward_rate(spec: Spec, batch_size: int, steps: int, device: torch.device, 
         with torch.inference_mode(), autocast:
             run()
 
-    return batch_size * steps / _timed(step, steps, device), expert
+    timing = _timed(step, steps, device)
+    return batch_size * steps / timing.wall, expert, timing
 
 
-def head_rate(expert, rows: int, epochs: int, device: torch.device) -> tuple[float, int]:
-    """``(image-epochs/s, head parameters)`` of ``train.heads.fit_head`` training ``expert``'s head on ``rows``
+def head_rate(expert, rows: int, epochs: int) -> tuple[float, int, Timing]:
+    """``(image-epochs/s, head parameters, timing)`` of ``train.heads.fit_head`` training ``expert``'s head on ``rows``
     random features of the width the head reads, ``epochs`` epochs (after a one-epoch warm-up fit); on CPU,
     as ``train/heads.py`` trains."""
     import numpy as np
@@ -300,9 +342,9 @@ def head_rate(expert, rows: int, epochs: int, device: torch.device) -> tuple[flo
     expert = expert.cpu()
     fit_head(expert, features[:head.batch_size], targets[:head.batch_size], weights[:head.batch_size],
              HeadSpec(layers=head.layers, head=head.head, epochs=1))  # warm-up
-    start = time.perf_counter()
-    fit_head(expert, features, targets, weights, HeadSpec(layers=head.layers, head=head.head, epochs=epochs))
-    return rows * epochs / (time.perf_counter() - start), _trainable(expert.head)
+    with _Clock(torch.device("cpu")) as clock:
+        fit_head(expert, features, targets, weights, HeadSpec(layers=head.layers, head=head.head, epochs=epochs))
+    return rows * epochs / clock.timing.wall, _trainable(expert.head), clock.timing
 
 
 def measure_spec(spec: Spec, batch_size: int, steps: int, device: torch.device, head_rows: int = 4096,
@@ -313,29 +355,34 @@ def measure_spec(spec: Spec, batch_size: int, steps: int, device: torch.device, 
     if spec.mode == "train":
         full = {k: v for k, v in ALL_LOSSES.items() if spec.lib or not k.startswith("lib_")}
         for label, losses in (("train step, CE only", {"ce": 1.0}), (f"train step, {'+'.join(full)}", full)):
-            rate, expert = train_rate(spec, losses, batch_size, steps, device)
+            rate, expert, timing = train_rate(spec, losses, batch_size, steps, device)
             size, depth, trainable = expert.config.input_size, _depth(expert), _trainable(expert)
             seconds = EPOCH_IMAGES / rate
-            rows.append(Row(spec.text, label, size, depth, trainable, rate, duration(seconds), seconds))
+            rows.append(Row(spec.text, label, size, depth, trainable, rate, duration(seconds), seconds,
+                            timing.cpu_use))
             del expert
     elif spec.mode == "fwd":
-        rate, expert = forward_rate(spec, batch_size, steps, device, as_cache=False)
+        rate, expert, timing = forward_rate(spec, batch_size, steps, device, as_cache=False)
         rows.append(Row(spec.text, "forward only (inference)", expert.config.input_size, _depth(expert), None,
-                        rate, ""))
+                        rate, "", None, timing.cpu_use))
     else:
-        rate, expert = forward_rate(spec, batch_size, steps, device, as_cache=True)
+        rate, expert, timing = forward_rate(spec, batch_size, steps, device, as_cache=True)
         seconds = EPOCH_IMAGES / rate
         size, depth = expert.config.input_size, _depth(expert)
         rows.append(Row(spec.text, "frozen tower: forward once per image (token cache)", size, depth, 0, rate,
-                        f"once: {duration(seconds)}", seconds))
-        rate, trainable = head_rate(expert, head_rows, head_epochs, device)
+                        f"once: {duration(seconds)}", seconds, timing.cpu_use))
+        rate, trainable, timing = head_rate(expert, head_rows, head_epochs)
         seconds = EPOCH_IMAGES / rate
         rows.append(Row(spec.text, f"{expert.config.head} head on cached features (fit_head)", size, depth,
-                        trainable, rate, duration(seconds), seconds))
+                        trainable, rate, duration(seconds), seconds, timing.cpu_use))
     if log:
         for row in rows:
-            log(f"{row.spec}: {row.timed}: {row.rate:.3g}/s")
+            log(f"{row.spec}: {row.timed}: {row.rate:.3g}/s" + _use(row.cpu_use, ", CPU use "))
     return rows
+
+
+def _use(value: float | None, prefix: str = "") -> str:
+    return "" if value is None else f"{prefix}{100 * value:.0f}%"
 
 
 def _rate(value: float) -> str:
@@ -347,7 +394,8 @@ def report(rows: Sequence[Row]) -> str:
     from train.heads import HeadSpec
 
     table = [[r.spec, r.timed, r.input_size, "-" if r.layers is None else r.layers,
-              "-" if r.trainable is None else f"{r.trainable:,}", _rate(r.rate), r.epoch or "-"] for r in rows]
+              "-" if r.trainable is None else f"{r.trainable:,}", _rate(r.rate), r.epoch or "-",
+              _use(r.cpu_use) or "-"] for r in rows]
     lines = [tabulate(table, HEADERS, tablefmt="github", disable_numparse=True), ""]
     epochs = HeadSpec.epochs
     for cache, head in zip(rows, rows[1:]):
@@ -377,12 +425,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    load = os.getloadavg()[0]  # before this run adds to it: other work on the machine
     rows = []
     for spec in specs:
         rows += measure_spec(spec, args.batch_size, args.steps, device, args.head_rows, args.head_epochs,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"\ntraining speed on {device} ({torch.get_num_threads()} torch threads), batch {args.batch_size}, "
-          f"{args.steps} timed steps after 1 warm-up, random weights and images\n")
+          f"{args.steps} timed steps after 1 warm-up, random weights and images; load average before the run "
+          f"{load:.2f} on {os.cpu_count()} CPUs\n")
     print(report(rows))
     return 0
 

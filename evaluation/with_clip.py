@@ -9,7 +9,8 @@ CLIP head (``train/heads.py``) trains on cached tokens in seconds, so it can be 
 * **validation folds** (``--val-clusters``, ``--val-sets``): each scored by the weights' experts that never
   trained on it (the manifest's ``validation_sets``; a set the run never used counts for every expert) and
   by a CLIP head trained without it and without the test clusters. The candidate ensembles (the weights'
-  experts, CLIP alone, both) are compared on the mean validation AUC, and the winner's decision threshold
+  experts, CLIP alone, both) are compared on the validation AUC averaged over labelled sets (each set's
+  folds first: two DFDC clusters must not outvote a held-out generator), and the winner's decision threshold
   is chosen on its pooled validation scores (``--fpr`` of validation reals called fake);
 * **test clusters** (``--test-clusters``): held out of everything (the recipe's test clusters, and of the
   CLIP head); scored once, for the report, never for a choice.
@@ -19,6 +20,9 @@ Every image goes through the validation protocol: resized, re-encoded at the cac
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +36,8 @@ import pandas as pd
 from evaluation.metrics import detection_metrics
 from evaluation.threshold import choose_threshold
 from evaluation.validate import score_labelled
-from experts import load_ensemble, read_manifest
+from experts import load_ensemble, read_manifest, scores_fingerprint
+from experts.weights import set_threshold
 from train.heads import (HeadSpec, balanced_weights, build_expert, cached_features, cluster_of_rows, fit_head,
                          predict)
 from train.token_cache import load_cache
@@ -65,6 +70,32 @@ def clip_probs(rows: pd.DataFrame, tokens: np.ndarray, meta: dict, spec: HeadSpe
     return predict(expert, features[held])
 
 
+def trained_expert_probs(ensemble, rows: pd.DataFrame, jpeg_quality: int, workers: int, cache: Path | None,
+                         manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`score_labelled` of the weights' experts, kept in ``cache`` (keyed by the experts' fingerprint
+    and the images) so that comparing several CLIP heads scores the trained experts once."""
+    if cache is None:
+        return score_labelled(ensemble, rows, jpeg_quality, workers=workers)
+    key = hashlib.sha256(json.dumps([scores_fingerprint(manifest), jpeg_quality, rows["path"].tolist()]).encode())
+    path = cache / f"{key.hexdigest()[:20]}.npz"
+    if path.is_file():
+        saved = np.load(path)
+        return saved["targets"], saved["probs"]
+    targets, probs = score_labelled(ensemble, rows, jpeg_quality, workers=workers)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, targets=targets, probs=probs)
+    return targets, probs
+
+
+def domain_mean(aucs: dict[str, float], domain: dict[str, str]) -> float:
+    """Mean AUC over labelled sets, each set's folds averaged first: two DFDC clusters must not outvote
+    the one fold that holds out a whole generator, since generalising to new generators is what matters."""
+    by_domain: dict[str, list[float]] = {}
+    for name, auc in aucs.items():
+        by_domain.setdefault(domain[name], []).append(auc)
+    return float(np.mean([np.mean(v) for v in by_domain.values()]))
+
+
 def candidate_table(targets: np.ndarray, probs: dict[str, np.ndarray], eligible: list[str]) -> dict[str, dict]:
     """Metrics of each candidate ensemble (mean of its eligible members' probabilities) on one set."""
     trained = [k for k in probs if k != CLIP and k in eligible]
@@ -91,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--head", choices=("linear", "lib"), default="linear")
     p.add_argument("--fpr", type=float, default=0.05, help="threshold: share of validation reals called fake")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--val-limit", type=int, default=0, help="score at most this many images of each validation set")
+    p.add_argument("--threshold-into", type=Path, help="write the chosen threshold into this weights folder's manifest")
+    p.add_argument("--probs-cache", type=Path, help="keep the trained experts' scores here between runs")
     args = p.parse_args(argv)
 
     rows, tokens, meta = load_cache(args.cache)
@@ -106,11 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for name, (mask, c, part) in sets.items():
         held = mask & rows["ok"].to_numpy()
-        targets, trained = score_labelled(ensemble, rows[held], meta["jpeg_quality"], workers=args.workers)
+        if part == "val" and args.val_limit and held.sum() > args.val_limit:  # a seeded sample, for speed
+            keep = np.random.default_rng(0).choice(np.flatnonzero(held), args.val_limit, replace=False)
+            held = np.isin(np.arange(len(rows)), keep)
+        targets, trained = trained_expert_probs(ensemble, rows[held], meta["jpeg_quality"], args.workers,
+                                                args.probs_cache, manifest)
         probs = {k: trained[:, i] for i, k in enumerate(ensemble.names)}
         excluded = test_mask if part == "val" else np.zeros_like(test_mask)
-        probs[CLIP] = clip_probs(rows, tokens, meta, spec, held, excluded | (test_mask & ~held))
-        results[name] = {"part": part, "targets": targets,
+        # The whole set stays out of the head's training, not just the scored sample.
+        probs[CLIP] = clip_probs(rows, tokens, meta, spec, held, excluded | (test_mask & ~held) | mask)
+        results[name] = {"part": part, "targets": targets, "domain": rows.loc[held, "set"].mode().iloc[0],
                          "table": candidate_table(targets, probs, eligible_experts(manifest, name, c))}
         for cand, m in results[name]["table"].items():
             print(f"{part:4s} {name:28s} {cand:28s} n {int(m['n']):5d}  AUC {m['auc']:.4f}  "
@@ -120,14 +159,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not val:
         return 0
     candidates = ["trained experts", "clip", "trained experts + clip"]
-    means = {c: np.mean([results[n]["table"][c]["auc"] for n in val if c in results[n]["table"]]) for c in candidates}
+    means = {c: domain_mean({n: results[n]["table"][c]["auc"] for n in val if c in results[n]["table"]},
+                            {n: results[n]["domain"] for n in val}) for c in candidates}
     best = max(means, key=means.get)
-    print("mean validation AUC: " + ", ".join(f"{c} {m:.4f}" for c, m in means.items()) + f" -> chosen: {best}")
+    print("validation AUC, mean over labelled sets (each set's folds averaged first): " + ", ".join(f"{c} {m:.4f}" for c, m in means.items()) + f" -> chosen: {best}")
     pooled_t = np.concatenate([results[n]["targets"] for n in val])
     pooled_p = np.concatenate([results[n]["table"][best]["probs"] for n in val])
     threshold = choose_threshold(pooled_t, pooled_p, rule="fpr", target_fpr=args.fpr)
     print(f"threshold for {best} at validation FPR {args.fpr}: {threshold['value']:.4f} "
           f"(TPR {threshold['tpr']:.3f}, FPR {threshold['fpr']:.3f} on {len(pooled_t)} validation images)")
+    if args.threshold_into:
+        record = {**{k: v for k, v in threshold.items() if k in ("value", "tpr", "fpr", "n", "n_fake", "n_real")},
+                  "rule": "fpr", "target_fpr": args.fpr, "ensemble": best,
+                  "set": "pooled out-of-fold validation scores: " + ", ".join(val),
+                  "jpeg_quality": meta["jpeg_quality"],
+                  "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+        set_threshold(args.threshold_into, record)
+        print(f"wrote the threshold into {args.threshold_into / 'manifest.json'}")
     for n, r in results.items():
         if r["part"] == "test":
             m = r["table"][best]

@@ -91,6 +91,7 @@ def test_cli_times_every_mode_on_a_tiny_clip(capsys):
         ["test_clip:depth1:fwd", "forward only (inference)", "64", "1"],
     ]
     assert all(float(r[5]) > 0 for r in rows)
+    assert all(r[7].endswith("%") and int(r[7].rstrip("%")) >= 0 for r in rows)  # CPU use, on CPU
     trainable = [r[4] for r in rows]
     assert trainable[4] == "0" and trainable[6] == "-"
     assert int(trainable[0].replace(",", "")) < int(trainable[2].replace(",", ""))  # LN-tuning: fewer than a block
@@ -98,7 +99,7 @@ def test_cli_times_every_mode_on_a_tiny_clip(capsys):
     assert all(e.endswith((" s", " min", " h")) for e in epochs[:4] + epochs[5:6])
     assert epochs[4].startswith("once: ") and epochs[6] == "-"
     assert "test_clip:lib:frozen, 10,000 images: the token cache once (" in out and "+ 30 head epochs (" in out
-    assert "1 torch threads), batch 2, 1 timed steps" in out
+    assert "1 torch threads), batch 2, 1 timed steps" in out and "load average before the run " in out
 
 
 def test_the_older_experts_option_still_works(capsys):

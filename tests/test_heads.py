@@ -104,3 +104,33 @@ def test_refit_writes_an_expert_that_stores_its_head_and_scores_images_like_its_
 def test_lib_head_trains_on_cached_regions(cache, capsys):
     assert heads.main([str(cache), "--layers", "2", "--head", "lib", "--epochs", "2", "--no-refit"]) == 0
     assert "held out set b" in capsys.readouterr().out
+
+
+def test_domain_mean_weighs_each_labelled_set_once():
+    from evaluation.with_clip import domain_mean
+    aucs = {"cluster 0": 0.9, "cluster 1": 0.8, "set general": 0.5}
+    domains = {"cluster 0": "dfdc", "cluster 1": "dfdc", "set general": "general"}
+    assert domain_mean(aucs, domains) == pytest.approx((0.85 + 0.5) / 2)
+
+
+def test_a_trained_expert_counts_only_on_sets_it_never_trained_on():
+    from evaluation.with_clip import candidate_table, eligible_experts
+    manifest = {"experts": [{"key": "a"}, {"key": "b"}],
+                "training": {"validation_sets": {"fold_0": ["a"], "fold_1": ["b"]}, "test_sets": ["cluster_3"]}}
+    assert eligible_experts(manifest, "cluster 0", 0) == ["a"]
+    assert eligible_experts(manifest, "cluster 3", 3) == ["a", "b"]
+    assert eligible_experts(manifest, "set x", None) == ["a", "b"]
+    targets = np.array([0, 0, 1, 1])
+    probs = {"a": np.array([0.1, 0.2, 0.8, 0.9]), "b": np.array([0.9, 0.8, 0.2, 0.1]), "clip": np.array([0.4, 0.3, 0.6, 0.7])}
+    table = candidate_table(targets, probs, ["a"])
+    assert table["trained experts"]["members"] == ["a"] and table["trained experts"]["auc"] == 1.0
+    assert table["trained experts + clip"]["members"] == ["a", "clip"]
+    assert "expert b" not in table
+
+
+def test_clip_choices_parse_head_and_layers():
+    import importlib
+    bench = importlib.import_module("bench.clip_choices")
+    spec = bench.parse_choice("linear:8,12")
+    assert spec.head == "linear" and spec.layers == [8, 12]
+    assert bench.parse_choice("lib:10").layers == [10]

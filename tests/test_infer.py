@@ -96,6 +96,8 @@ def test_default_model_reproduces_the_demo_scores():
         assert float(got[f"demo/{name}"]) == pytest.approx(score, abs=1e-4), name
     threshold = read_manifest(ROOT / "weights").get("threshold", {"value": 0.5})["value"]
     assert all(verdict == ("fake" if float(prob) >= threshold else "real") for prob, verdict, _ in rows)
+    # every demo image, named by its label, gets the right verdict
+    assert all(verdict == ("fake" if "_fake_" in name else "real") for _, verdict, name in rows)
 
 
 def test_crop_faces_scores_the_face_crop(tiny_weights, tmp_path, capsys):

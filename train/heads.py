@@ -75,6 +75,7 @@ def build_expert(meta: dict, spec: HeadSpec, with_base: bool) -> ClipExpert:
     config = meta["config"]
     arch = {**config["backbone_config"], "num_hidden_layers": max(spec.layers)}
     extra = {"lib_grid": meta["grid"]} if spec.head == "lib" else {}
+    torch.manual_seed(spec.seed)  # the head's initialisation: the same in every script that builds this spec
     expert = create_expert(meta["expert"], pretrained=meta["pretrained"] if with_base else False,
                            input_size=meta["input_size"], backbone_config=arch, feature_layers=list(spec.layers),
                            normalize_features=True, head=spec.head, drop_rate=spec.drop_rate, **extra)
