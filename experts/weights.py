@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .base import Expert, ExpertConfig
-from .base_weights import BASE_WEIGHTS, BaseWeightsError
+from .base_weights import BASE_WEIGHTS, BaseWeightsError, sha256_file
 from .ensemble import DEFAULT_THRESHOLD, Ensemble, check_threshold
 from .registry import build_from_config
 
@@ -46,14 +46,6 @@ WEIGHTS_FILE = "model.safetensors"
 
 class WeightsError(ValueError):
     """A weights folder that cannot be trusted or used: the message names the file and the problem."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_ensemble(
