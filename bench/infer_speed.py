@@ -29,7 +29,7 @@ same images are decoded and resized again into the same batches, and on each bat
 is timed alone (``Ensemble.expert_probs`` of a one-expert ensemble: the channels-last copy, the expert, the
 softmax; on CUDA synchronised before and after), so decoding and resizing are not in it. The second table
 gives each expert's images/s, its milliseconds per image and its share of the experts' summed forward time,
-and a row "all experts" with the sum: set against the ensemble's end-to-end images/s of the first table, the
+and (for two experts or more) a row "all N experts" with the sum: set against the ensemble's end-to-end images/s of the first table, the
 difference is what decoding and resizing cost. ``--no-per-expert`` skips this pass.
 
 The ratio line compares the fastest run of each model (the batch sizes it used are named in the line).
@@ -337,7 +337,7 @@ def ratio_line(results: Sequence[Result], default: str = "default", original: st
 
 PER_EXPERT_HEADERS = ["model", "batch", "expert", "input px", "images/s", "ms/image", "share of experts' time"]
 PER_EXPERT_TITLE = ("per expert: each expert's forward pass timed alone on the same decoded and resized batches, "
-                    "in the same process (no decoding or resizing); \"all experts\" is the sum of their times")
+                    "in the same process (no decoding or resizing); \"all N experts\" is the sum of their times")
 
 
 def per_expert_table(results: Sequence[Result]) -> str | None:
@@ -354,6 +354,8 @@ def per_expert_table(results: Sequence[Result]) -> str | None:
             rows.append([r.label, r.batch_size, name, t.input_size, _rate(t.images_per_s),
                          f"{1000 * t.seconds / max(t.images, 1):.3g}",
                          f"{100 * t.seconds / total:.0f}%" if total > 0 else "-"])
+        if len(r.per_expert) < 2:
+            continue  # the sum of one expert is that expert
         n = r.per_expert[0].images
         rows.append([r.label, r.batch_size, f"all {len(r.per_expert)} experts", "/".join(map(str, r.input_sizes)),
                      _rate(n / total) if total > 0 else "-", f"{1000 * total / max(n, 1):.3g}", "100%"])
