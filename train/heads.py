@@ -178,7 +178,7 @@ def heldout_report(rows: pd.DataFrame, tokens: np.ndarray, meta: dict, spec: Hea
     """Per held-out set, the detection metrics (``auc``, ``tpr@fpr1e-3``, ...) and ``probs`` of a head that
     never saw it: one head per set trained on every other row, or (``jointly``) one head trained without
     any of the sets, as the recipe's test clusters are held out from every expert."""
-    ok = rows["ok"].to_numpy()
+    ok = rows["ok"].to_numpy().copy()  # a writable mask: torch warns on indexing with a read-only one
     targets = rows["target"].to_numpy()
     features = cached_features(tokens, meta, spec)
     union = np.logical_or.reduce(list(sets.values())) if sets else np.zeros(len(rows), bool)
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"EER {m['eer']:.4f}")
     if args.no_refit or not args.out:
         return 0
-    ok = rows["ok"].to_numpy()
+    ok = rows["ok"].to_numpy().copy()  # a writable mask: torch warns on indexing with a read-only one
     features = cached_features(tokens, meta, spec)
     expert = build_expert(meta, spec, with_base=True)
     fit_head(expert, features[ok], rows["target"].to_numpy()[ok], balanced_weights(rows[ok]), spec, progress=True)
