@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # `python evaluation/with_clip.py` from the repo 
 
 import numpy as np
 import pandas as pd
+import torch
 
 from evaluation.metrics import detection_metrics
 from evaluation.threshold import choose_threshold
@@ -59,11 +60,11 @@ def eligible_experts(manifest: dict, set_name: str, cluster: int | None) -> list
     return [k for k in keys if k in (validated or [])]
 
 
-def clip_probs(rows: pd.DataFrame, tokens: np.ndarray, meta: dict, spec: HeadSpec, held: np.ndarray,
+def clip_probs(rows: pd.DataFrame, features: torch.Tensor, meta: dict, spec: HeadSpec, held: np.ndarray,
                excluded: np.ndarray) -> np.ndarray:
-    """Fake probabilities of the ``held`` rows from a CLIP head trained on the other usable, non-excluded rows."""
-    ok, targets = rows["ok"].to_numpy(), rows["target"].to_numpy()
-    features = cached_features(tokens, meta, spec)
+    """Fake probabilities of the ``held`` rows from a CLIP head trained on the other usable, non-excluded rows
+    (``features``: :func:`train.heads.cached_features` of every cached row, computed once by the caller)."""
+    ok, targets = rows["ok"].to_numpy().copy(), rows["target"].to_numpy()
     train = ok & ~held & ~excluded
     expert = fit_head(build_expert(meta, spec, with_base=False), features[train], targets[train],
                       balanced_weights(rows[train]), spec)
@@ -134,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets |= {f"set {s}": ((rows["set"] == s).to_numpy() & ~test_mask, None, "val") for s in args.val_sets}
     sets |= {f"cluster {c}": (cluster == c, c, "test") for c in args.test_clusters}
     spec = HeadSpec(layers=args.layers, head=args.head)
+    features = cached_features(tokens, meta, spec)  # once: every set's head trains on rows of it
     ensemble = load_ensemble(args.weights)
     manifest = read_manifest(args.weights)
 
@@ -148,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         probs = {k: trained[:, i] for i, k in enumerate(ensemble.names)}
         excluded = test_mask if part == "val" else np.zeros_like(test_mask)
         # The whole set stays out of the head's training, not just the scored sample.
-        probs[CLIP] = clip_probs(rows, tokens, meta, spec, held, excluded | (test_mask & ~held) | mask)
+        probs[CLIP] = clip_probs(rows, features, meta, spec, held, excluded | (test_mask & ~held) | mask)
         results[name] = {"part": part, "targets": targets, "domain": rows.loc[held, "set"].mode().iloc[0],
                          "table": candidate_table(targets, probs, eligible_experts(manifest, name, c))}
         for cand, m in results[name]["table"].items():
