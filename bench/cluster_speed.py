@@ -15,12 +15,9 @@ the feature cache.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -31,7 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from data_prep.cluster import LITE0_PACKAGE, ChunkedKMeans
 from data_prep.features import embed_images
-from data_prep.images import is_image_file
+from core.images import is_image_file
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -19,7 +19,7 @@ Two models are measured, each described by a :class:`ModelSpec`:
 
 Every (model, batch size) runs in a fresh spawned process, so that its peak resident memory (``ru_maxrss``,
 which only ever grows within a process) and its peak GPU memory are that run's alone, not the largest model
-measured so far. The timing covers the whole scoring path of ``infer.py`` (``evaluation.scoring.score_images``:
+measured so far. The timing covers the whole scoring path of ``infer.py`` (``scoring.pipeline.score_images``:
 decoding, resizing and the ensemble's forward pass), after one warm-up batch, on real images from
 ``../shared/data`` when present (else the ``demo/`` images, repeated), or ``--image-dir``. Both models score the
 same image list; the original, about 0.2 images/s on a 2-core CPU, scores only its first ``--original-images``.
@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ORIGINAL_CONFIG = ROOT / "train" / "configs" / "original.yaml"
 # The original solution's experts are timm backbones; anything else in the config (CLIP) is not part of it.
@@ -176,7 +175,7 @@ class Result:
 
 def sample_images(n: int, folder: str | Path | None = None) -> list[str]:
     """``n`` image paths from ``folder`` (default: the shared DFDC faces, else ``demo/``), repeated if needed."""
-    from data_prep.images import is_image_file
+    from core.images import is_image_file
 
     if folder is None:
         shared = ROOT.parent / "shared" / "data" / "dfdc_faces" / "images"
@@ -190,7 +189,7 @@ def sample_images(n: int, folder: str | Path | None = None) -> list[str]:
 def time_experts(ensemble, paths: Sequence[str], batch_size: int, device: str) -> list[ExpertTiming]:
     """Each expert of ``ensemble`` timed alone on the batches ``score_images`` makes of ``paths``.
 
-    The batches are built as ``evaluation.scoring.score_batches`` builds them (the same dataset, transform per
+    The batches are built as ``scoring.pipeline.score_batches`` builds them (the same dataset, transform per
     input size and loader, unreadable images dropped), one at a time so that memory stays flat; each batch is
     moved to ``device`` once, untimed, then every expert's forward pass runs on it under its own clock, through
     ``Ensemble.expert_probs`` of a one-expert ensemble: the code path, autocast included, of the ensemble's
@@ -199,8 +198,8 @@ def time_experts(ensemble, paths: Sequence[str], batch_size: int, device: str) -
     import torch
     from torch.utils.data import DataLoader
 
-    from data_prep.dataset import ImageDataset
-    from data_prep.transforms import eval_transform
+    from core.dataset import ImageDataset
+    from core.transforms import eval_transform
     from experts import Ensemble
 
     device = torch.device(device)
@@ -240,7 +239,7 @@ def measure(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str,
     try:
         import torch
 
-        from evaluation.scoring import score_images
+        from scoring.pipeline import score_images
 
         if threads:
             torch.set_num_threads(threads)

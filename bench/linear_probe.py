@@ -11,11 +11,7 @@ row outside the held-out clusters and tests on each of them, like the recipe's `
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import partial
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pandas as pd
@@ -26,9 +22,9 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_prep.dataset import ImageDataset
-from data_prep.labels import read_labels, split_by_group
-from data_prep.transforms import shortcut_free_eval_transform
+from core.dataset import ImageDataset
+from core.labels import read_labels, split_by_group
+from core.transforms import shortcut_free_eval_transform
 from evaluation.heldout import cluster_sets, training_rows
 from evaluation.metrics import detection_metrics
 from experts import create_expert

@@ -17,17 +17,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import albumentations as A
 import cv2
 import numpy as np
 import pandas as pd
 
-from data_prep.labels import LabelsError
-from data_prep.transforms import eval_transform
+from core.labels import LabelsError
+from core.transforms import eval_transform
 from evaluation.metrics import detection_metrics
-from evaluation.scoring import score_images
+from scoring.pipeline import score_images
 from evaluation.validate import add_set_arguments, evaluation_sets
 from experts import Ensemble, load_ensemble
 

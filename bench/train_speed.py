@@ -62,17 +62,14 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from tabulate import tabulate
 from torch_ema import ExponentialMovingAverage
 
 from experts import create_expert
-from experts.device import resolve_device
+from core.device import resolve_device
 from train.objective import JointObjective
 
 ALL_LOSSES = {"ce": 1.0, "kl_noise": 1.0, "nce": 0.1, "lib_global": 1.0, "lib_local": 0.5}

@@ -32,18 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python data_prep/augment_edits.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
 from data_prep.edits import EDITS, NEEDS_DONOR, apply_edit, parse_edit_names
-from data_prep.images import ImageLoadError, load_image
+from core.files import atomic_output
+from core.images import ImageLoadError, load_image
 from data_prep.index import load_index
-from data_prep.labels import LabelsError, split_by_group
+from core.labels import LabelsError, split_by_group
 
 JOURNAL = "edits.jsonl"
 LABEL_COLUMNS = ["img_name", "target", "group", "source", "edit", "params", "origin", "mask"]
@@ -147,11 +145,9 @@ def pick_donor(donors: pd.DataFrame, host: pd.Series, rng: np.random.Generator,
 
 def save_image(array: np.ndarray, path: Path, quality: int = 95) -> None:
     """Write an image atomically (a temporary file beside it, then a rename), so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
     kwargs = {"quality": quality} if path.suffix.lower() in (".jpg", ".jpeg") else {"compress_level": 3}
-    Image.fromarray(array).save(tmp, format="JPEG" if "quality" in kwargs else "PNG", **kwargs)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(array).save(tmp, format="JPEG" if "quality" in kwargs else "PNG", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -180,10 +176,9 @@ def append_journal(out_dir: Path, row: dict[str, Any]) -> None:
 def write_labels(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
     """``DIR/labels.csv``, sorted by name, written atomically."""
     path = out_dir / "labels.csv"
-    tmp = path.with_name(f".tmp-{path.name}")
     frame = pd.DataFrame(rows, columns=LABEL_COLUMNS).sort_values("img_name", kind="stable")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return path
 
 

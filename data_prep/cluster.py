@@ -38,10 +38,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
-
-if __package__ in (None, ""):  # `python data_prep/cluster.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -54,8 +51,9 @@ with warnings.catch_warnings():  # torch_kmeans 0.2 uses torch.jit.script, which
 
 from data_prep.features import Embeddings, embed_images
 from data_prep.index import index_csv
-from data_prep.labels import LabelsError, read_labels
-from experts.device import resolve_device
+from core.files import atomic_output
+from core.labels import LabelsError, read_labels
+from core.device import resolve_device
 
 __all__ = ["embed_images", "load_rows", "cluster_features", "assign_folds", "cluster_table", "write_splits",
            "plot_clusters", "main"]
@@ -66,7 +64,7 @@ BASE_COLUMNS = ["img_name", "target", "group", "source", "path"]
 
 # ------------------------------------------------------------------------------------------------- rows
 def load_rows(csv_paths: Sequence[str | Path], problems: list[str] | None = None) -> pd.DataFrame:
-    """All rows of the labels CSVs (see :func:`data_prep.labels.read_labels`), plus ``labels_csv``.
+    """All rows of the labels CSVs (see :func:`core.labels.read_labels`), plus ``labels_csv``.
 
     ``labels_csv`` (the CSV's resolved path) tells the sets apart, so groups are never merged across sets.
 
@@ -230,26 +228,12 @@ def order_columns(splits: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A reader (or a crash) never sees half a file: ``path`` is either the old file or the whole new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_splits(splits: pd.DataFrame, path: str | Path) -> Path:
     """Write ``splits.csv`` atomically, columns in the order of :func:`order_columns`."""
     table = order_columns(splits)
-    return _atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+    with atomic_output(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return Path(path)
 
 
 def cluster_table(splits: pd.DataFrame) -> pd.DataFrame:
@@ -310,7 +294,9 @@ def plot_clusters(features: np.ndarray, splits: pd.DataFrame, path: str | Path, 
         ax.set_ylabel("PC 2")
         ax.legend(markerscale=max(1.0, 20 / point_size), fontsize=8, loc="best")
     try:
-        return _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+        return Path(path)
     finally:
         plt.close(fig)
 
@@ -405,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     replaced = [p.name for p in outputs if p.exists()]
     write_splits(splits, outputs[0])
     table = cluster_table(splits)
-    _atomic_write(outputs[1], lambda tmp: table.to_csv(tmp, index=False))
+    with atomic_output(outputs[1]) as tmp:
+        table.to_csv(tmp, index=False)
     plot_clusters(emb.features, splits, outputs[2], seed=args.seed)
 
     print(tabulate(table, headers="keys", tablefmt="github", showindex=False))

@@ -12,7 +12,7 @@ compression traces) teach the traces shared by many forgeries; Self-Blended Imag
 CVPR 2022) showed this for face swaps. Everything here is written from the papers' ideas.
 
 Content-preserving augmentations (crop, flip, blur, noise, JPEG) are not edits: they keep the label and
-live in :func:`data_prep.transforms.train_transform`, applied at training time to real and fake alike.
+live in :func:`core.transforms.train_transform`, applied at training time to real and fake alike.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from .transforms import jpeg_reencode
+from core.transforms import jpeg_reencode
 
 
 class Edited(tuple):
@@ -391,7 +391,7 @@ def double_jpeg(image: np.ndarray, rng: np.random.Generator, q1: int | None = No
     the double-compressed pixels, as when a pasted object has another compression history.
 
     Caution: JPEG history alone is a shortcut (see ``gan_faces`` in the shared data's README); keep
-    training-time JPEG re-compression of both classes (:func:`data_prep.transforms.train_transform`).
+    training-time JPEG re-compression of both classes (:func:`core.transforms.train_transform`).
     """
     _check_image(image)
     h, w = image.shape[:2]

@@ -17,7 +17,6 @@ one is not.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,12 @@ from safetensors.numpy import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from experts.device import resolve_device
+from core.device import resolve_device
 
-from .dataset import ImageDataset
-from .images import ImageLoadError
-from .transforms import eval_transform
+from core.files import atomic_output
+from core.dataset import ImageDataset
+from core.images import ImageLoadError
+from core.transforms import eval_transform
 
 if TYPE_CHECKING:  # experts is only needed for the annotation; keep data_prep importable on its own
     from experts import Expert
@@ -156,13 +156,9 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha1(",".join(hashes).encode()).hexdigest()[:16]
         path = self.dir / f"shard-{name}.safetensors"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_output(path) as tmp:
             save_file({"features": np.ascontiguousarray(features, dtype=np.float32)}, str(tmp),
                       metadata={"sha1": ",".join(hashes)})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         for row, h in enumerate(hashes):
             self._where[h] = (path, row)
         return path

@@ -4,7 +4,7 @@
     python data_prep/index.py set/labels.csv other/ --max-distance 16 --pairs pairs.csv
 
 A source is a labels CSV in the competition's format (``img_name,target[,group,source]``, names relative
-to the CSV; read with :func:`data_prep.labels.read_labels`), a folder holding such a ``labels.csv``, or a
+to the CSV; read with :func:`core.labels.read_labels`), a folder holding such a ``labels.csv``, or a
 folder laid out ``real/`` and ``fake/`` (any depth below them; the nearest such folder gives the label).
 
 :func:`load_index` checks every row (missing or unreadable files, repeated names, targets other than 0
@@ -23,15 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
-if __package__ in (None, ""):  # `python data_prep/index.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data_prep.images import ImageLoadError, is_image_file, load_image
-from data_prep.labels import LabelsError, read_labels, split_by_group
+from core.images import ImageLoadError, is_image_file, load_image
+from core.labels import LabelsError, read_labels, split_by_group
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +260,7 @@ def find_duplicates(df: pd.DataFrame, max_distance: int = 24, val_fraction: floa
                     hash_size: int = 16, all_pairs: bool = False) -> pd.DataFrame:
     """Pairs of exact or near-duplicate images that leak across labels or across the train/validation split.
 
-    The split is the training one (:func:`data_prep.labels.split_by_group` with ``val_fraction`` and
+    The split is the training one (:func:`core.labels.split_by_group` with ``val_fraction`` and
     ``salt``), so a pair with ``cross_split`` is an image whose copy the model trains on and is then
     validated on. ``cross_class`` pairs are the same picture labelled real and fake: expected for a DFDC
     fake and its source video (``same_group``, kept on one side by the split), label noise otherwise.

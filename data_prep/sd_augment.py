@@ -45,16 +45,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
-
-if __package__ in (None, ""):  # `python data_prep/sd_augment.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2
 import numpy as np
@@ -63,11 +59,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep.faces import has_detector, largest_face, read_image_list, write_csv_atomic, write_image_atomic
-from data_prep.images import ImageLoadError, load_image
-from data_prep.labels import LabelsError
-from data_prep.transforms import eval_transform
-from experts.device import DeviceError, resolve_device
+from core.faces import has_detector, largest_face
+from core.files import atomic_output, atomic_write
+from core.image_lists import read_image_list
+from core.images import ImageLoadError, load_image
+from core.labels import LabelsError
+from core.transforms import eval_transform
+from core.device import DeviceError, resolve_device
 
 MODES = ("img2img", "inpaint")
 MASK_KINDS = ("face", "ellipse", "box")
@@ -339,18 +337,6 @@ def generate(pipe: Any, jobs: Sequence[Job], images: Sequence[np.ndarray], masks
 # Writing
 
 
-def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def model_of(job: Job, cfg: AugmentConfig) -> str:
     return (cfg.inpaint_model or cfg.model) if job.mode == "inpaint" else cfg.model
 
@@ -372,9 +358,9 @@ def metadata(job: Job, cfg: AugmentConfig, pipe: Any, out_dir: Path, mask_kind: 
 def save_output(out_dir: Path, job: Job, image: np.ndarray, mask: np.ndarray | None, meta: dict[str, Any]) -> None:
     """Mask, then image, then metadata, each atomically: the metadata marks the output as done."""
     if mask is not None:
-        write_image_atomic(mask, out_dir / "masks" / f"{job.name}.png")
-    write_image_atomic(image, out_dir / "images" / f"{job.name}.png")
-    write_json_atomic(meta, out_dir / "meta" / f"{job.name}.json")
+        _write_png(mask, out_dir / "masks" / f"{job.name}.png")
+    _write_png(image, out_dir / "images" / f"{job.name}.png")
+    atomic_write(out_dir / "meta" / f"{job.name}.json", json.dumps(meta, indent=1))
 
 
 def write_labels(out_dir: str | Path) -> Path:
@@ -391,7 +377,14 @@ def write_labels(out_dir: str | Path) -> Path:
             rows.append(row)
     df = pd.DataFrame(rows)
     df = df.reindex(columns=LABEL_COLUMNS + [c for c in df.columns if c not in LABEL_COLUMNS])
-    return write_csv_atomic(df, out_dir / "labels.csv")
+    with atomic_output(out_dir / "labels.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    return out_dir / "labels.csv"
+
+
+def _write_png(image_rgb: np.ndarray, path: Path) -> None:
+    with atomic_output(path) as tmp:
+        Image.fromarray(image_rgb).save(tmp, format="PNG")
 
 
 def _differs(out_dir: Path, job: Job, cfg: AugmentConfig) -> bool:

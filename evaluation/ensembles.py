@@ -24,10 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 from itertools import combinations
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python evaluation/ensembles.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pandas as pd

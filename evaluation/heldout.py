@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_prep import labels
+from core import labels
 
 
 def read_splits(path: str | Path) -> pd.DataFrame:

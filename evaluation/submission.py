@@ -16,13 +16,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):  # `python evaluation/submission.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import pandas as pd
 
-from data_prep.labels import LabelsError, read_labels
+from core.labels import LabelsError, read_labels
 from evaluation.metrics import detection_metrics
 
 COLUMNS = ["n", "auc", "tpr@fpr1e-3", "eer", "acc@0.5", "ap"]

@@ -33,15 +33,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):  # `python evaluation/threshold.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import roc_curve
 
-from data_prep.labels import LabelsError
+from core.labels import LabelsError
 from evaluation.validate import (add_fold_argument, add_set_arguments, combine_scored, evaluation_sets, fold_sets,
                                  report_sets, score_labelled, score_out_of_fold, set_part)
 from experts import Ensemble, WeightsError, load_ensemble

@@ -17,18 +17,15 @@ import sys
 from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python evaluation/validate.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import pandas as pd
 import torch
 
-from data_prep.labels import read_labels, split_by_group
-from data_prep.transforms import shortcut_free_eval_transform
+from core.labels import read_labels, split_by_group
+from core.transforms import shortcut_free_eval_transform
 from evaluation.heldout import cluster_sets, read_splits
 from evaluation.metrics import detection_metrics
-from evaluation.scoring import score_images
+from scoring.pipeline import score_images
 from experts import Ensemble, load_ensemble, read_manifest
 
 COLUMNS = ["n", "auc", "tpr@fpr1e-3", "eer", "acc@0.5", "ap"]

@@ -21,7 +21,6 @@ LayerNorms and head of a frozen CLIP), so no file in git is larger than a few MB
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -34,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from core.files import atomic_output, sha256_file
 
 __all__ = ["BaseWeights", "BaseWeightsError", "BASE_WEIGHTS", "cache_dir", "fetch_base_weights",
            "load_base_state_dict", "dequantize_onnx"]
@@ -68,14 +69,6 @@ class BaseWeights:
     sha256: str
     convert: Callable[[Path], dict[str, np.ndarray]]
     licence: str
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------- INT8 ONNX -> float32
@@ -186,17 +179,9 @@ def convert_member(spec: BaseWeights, member: Path, out: Path) -> Path:
         raise BaseWeightsError(f"{member}: sha256 {actual} is not the pinned {spec.member_sha256}; "
                                f"{spec.package} changed, refusing to use it")
     state = spec.convert(member)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_output(out) as tmp:
         # One metadata key only: safetensors writes several in hash-map order, which would change the sha256.
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        save_file(state, str(tmp), metadata={"format": "pt"})
     return out
 
 

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,7 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .base import Expert, ExpertConfig
-from .base_weights import BASE_WEIGHTS, BaseWeightsError, sha256_file
+from core.files import atomic_folder, atomic_write, sha256_file
+
+from .base_weights import BASE_WEIGHTS, BaseWeightsError
 from .ensemble import DEFAULT_THRESHOLD, Ensemble, check_threshold
 from .registry import build_from_config
 
@@ -64,8 +63,14 @@ def save_ensemble(
     move by about 1e-4) and cast back to float32 when loaded.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    with atomic_folder(folder) as staging:
+        _write_folder(staging, experts, weights, metadata, expert_metadata, dtype)
+    return folder
+
+
+def _write_folder(staging: Path, experts: Mapping[str, Expert], weights: Mapping[str, float] | None,
+                  metadata: Mapping[str, Any] | None, expert_metadata: Mapping[str, Mapping[str, Any]] | None,
+                  dtype: torch.dtype) -> None:
     entries = []
     for key, expert in experts.items():
         sub = staging / key
@@ -102,9 +107,6 @@ def save_ensemble(
         **dict(metadata or {}),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    _make_readable(staging)
-    _replace_dir(staging, folder)
-    return folder
 
 
 def changed_state_dict(expert: Expert) -> dict[str, torch.Tensor]:
@@ -120,24 +122,6 @@ def changed_state_dict(expert: Expert) -> dict[str, torch.Tensor]:
     reference = build_from_config(ExpertConfig.from_dict(expert.config.to_dict())).state_dict()
     return {k: v for k, v in state.items()
             if k not in reference or v.shape != reference[k].shape or not torch.equal(v.cpu(), reference[k])}
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp creates private folders; a weights folder is meant to be shared like any other output."""
-    folder.chmod(0o755)
-    for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` into ``target``'s place; at every moment one complete folder exists."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -268,17 +252,7 @@ def set_threshold(folder: str | Path, threshold: Mapping[str, Any]) -> None:
     manifest = read_manifest(folder)
     _threshold_value(threshold, path)  # refuse before writing anything
     manifest[THRESHOLD] = dict(threshold)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(manifest, indent=2) + "\n")  # as save_ensemble writes it
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777)  # mkstemp makes it private; keep the manifest's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(manifest, indent=2) + "\n")  # as save_ensemble writes it
 
 
 def load_ensemble(folder: str | Path, device: str | torch.device = "cpu") -> Ensemble:

@@ -1,8 +1,7 @@
-"""Shared fixtures: tiny labelled image sets made on the fly, and the repo root on sys.path."""
+"""Shared fixtures: tiny labelled image sets made on the fly."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_labelled_set(folder: Path, n: int = 16, size: int = 72, seed: int = 0) -> Path:

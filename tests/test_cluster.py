@@ -14,7 +14,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from data_prep.cluster import assign_folds, cluster_features, cluster_table, load_rows, main, write_splits
 from data_prep.features import embed_images
-from data_prep.labels import LabelsError
+from core.labels import LabelsError
 from experts import create_expert
 from tests.conftest import ROOT, write_labelled_set
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.images import ImageLoadError, load_image
-from data_prep.labels import LabelsError, read_labels, split_by_group
-from data_prep.transforms import eval_transform, shortcut_free_eval_transform, train_transform
+from core.images import ImageLoadError, load_image
+from core.labels import LabelsError, read_labels, split_by_group
+from core.transforms import eval_transform, shortcut_free_eval_transform, train_transform
 
 
 def test_read_labels_resolves_paths_and_defaults(labelled_csv):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_prep.augment_edits import augment
 from data_prep.edits import EDITS, apply_edit, double_jpeg, parse_edit_names, resample_trace, self_blend
-from data_prep.labels import read_labels
+from core.labels import read_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data_prep import faces
-from data_prep.images import load_image
+from core import faces
+from core.images import load_image
 from tests.conftest import ROOT
 
 DFDC = ROOT.parent / "shared" / "data" / "dfdc_faces"

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, features
 
-from data_prep.images import ImageLoadError, load_image
+from core.images import ImageLoadError, load_image
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "800"))
 FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=5000, database=None,

@@ -51,8 +51,8 @@ def test_cached_features_are_what_the_expert_computes_from_images(cache):
     for head, layers in (("linear", [1, 2]), ("lib", [2])):
         spec = heads.HeadSpec(layers=layers, head=head)
         expert = heads.build_expert(meta, spec, with_base=True).eval()
-        from data_prep.dataset import ImageDataset
-        from data_prep.transforms import shortcut_free_eval_transform
+        from core.dataset import ImageDataset
+        from core.transforms import shortcut_free_eval_transform
         data = ImageDataset(rows["path"][:4].tolist(), {64: shortcut_free_eval_transform(64, meta["jpeg_quality"])})
         images = torch.stack([data[i]["images"][64] for i in range(4)])
         with torch.no_grad():

@@ -23,9 +23,9 @@ import torch
 from PIL import Image, features
 
 import infer
-from data_prep import images as images_module
-from data_prep.images import MAX_PIXELS, ImageLoadError, load_image
-from data_prep.labels import LabelsError, read_labels
+from core import images as images_module
+from core.images import MAX_PIXELS, ImageLoadError, load_image
+from core.labels import LabelsError, read_labels
 from experts import create_expert, save_ensemble
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -289,10 +289,31 @@ def test_batch_goes_on_past_every_bad_file(tiny_weights, mixed_folder, tmp_path,
     assert sorted(line.split(": ")[1] for line in errors) == sorted(str(mixed_folder / n) for n in bad)
     assert f"{len(bad)} of {len(bad) + 4} images could not be scored" in err
     assert "Traceback" not in err
-    df = pd.read_csv(out)
-    assert list(df["img_name"]) == ["a good.jpg", "b_dot.png", "c_cmyk.jpg", "d_日本.webp"]
-    assert df["y_pred"].between(0, 1).all()
+    # every input gets a row (a submission with missing rows is rejected): the unreadable ones hold --fill
+    df = pd.read_csv(out).set_index("img_name")
+    good = ["a good.jpg", "b_dot.png", "c_cmyk.jpg", "d_日本.webp"]
+    assert sorted(df.index) == sorted(good + bad)
+    assert (df.loc[bad, "y_pred"] == 0.5).all()
+    assert df.loc[good, "y_pred"].between(0, 1).all()
+    assert "rows hold --fill 0.5" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in put", "sub.csv"]  # no partial or temp file left
+
+
+def test_fill_none_leaves_unreadable_images_out_and_fill_takes_a_value(tiny_weights, mixed_folder, tmp_path, capsys):
+    good = ["a good.jpg", "b_dot.png", "c_cmyk.jpg", "d_日本.webp"]
+    out = tmp_path / "none.csv"
+    code = infer.main([str(mixed_folder), "--weights", str(tiny_weights), "--submission", str(out), "--quiet",
+                       "--fill", "none"])
+    assert code == 1 and sorted(pd.read_csv(out)["img_name"]) == sorted(good)
+    out = tmp_path / "zero.csv"
+    assert infer.main([str(mixed_folder), "--weights", str(tiny_weights), "--submission", str(out), "--quiet",
+                       "--fill", "0"]) == 1
+    df = pd.read_csv(out).set_index("img_name")
+    assert (df.drop(index=good)["y_pred"] == 0).all() and len(df) > len(good)
+    capsys.readouterr()
+    assert infer.main([str(mixed_folder), "--weights", str(tiny_weights), "--submission", str(tmp_path / "x.csv"),
+                       "--fill", "1.5"]) == 2
+    assert "--fill must be a probability" in capsys.readouterr().err
 
 
 def test_debug_shows_the_traceback_of_a_bad_file(tiny_weights, mixed_folder, capsys):
@@ -326,7 +347,9 @@ def test_csv_list_with_crlf_non_ascii_and_missing_rows(tiny_weights, tmp_path, c
     err = capsys.readouterr().err
     assert "gone.jpg: file not found" in err and "dir.jpg: not a regular file" in err
     assert "2 of 3 images could not be scored" in err
-    assert pd.read_csv(out)["img_name"].tolist() == ["ünï cödé.jpg"]
+    df = pd.read_csv(out)
+    assert df["img_name"].tolist() == ["ünï cödé.jpg", "gone.jpg", "dir.jpg"]  # input order, unreadable filled
+    assert df["y_pred"].tolist()[1:] == [0.5, 0.5]
 
 
 def test_folder_named_like_an_image(tiny_weights, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from data_prep.index import IndexProblemError, close_pairs, dhash, find_duplicates, load_index, main
-from data_prep.labels import LabelsError
+from core.labels import LabelsError
 
 
 def picture(seed: int, size: int = 40) -> np.ndarray:
@@ -81,7 +81,7 @@ def test_folder_index_reads_real_and_fake_recursively(tmp_path):
 
 def test_dhash_is_stable_under_recompression_and_differs_between_pictures(tmp_path):
     save(tmp_path / "a.jpg", picture(0, 64), quality=60)
-    from data_prep.images import load_image
+    from core.images import load_image
     same = np.unpackbits(dhash(picture(0, 64)) ^ dhash(load_image(tmp_path / "a.jpg"))).sum()
     other = np.unpackbits(dhash(picture(0, 64)) ^ dhash(picture(1, 64))).sum()
     assert dhash(picture(0)).shape == (32,)  # 256 bits

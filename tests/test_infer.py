@@ -1,6 +1,8 @@
 """infer.py as users run it: single images, folders, CSV lists, bad files, and the default model."""
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -36,7 +38,8 @@ def test_folder_with_a_bad_file_writes_the_good_rows_and_fails(tiny_weights, ima
     assert "broken.jpg: not an image file" in err and "1 of 6 images could not be scored" in err
     df = pd.read_csv(out)
     assert list(df.columns) == ["img_name", "y_pred", "eff", "clip"]
-    assert list(df["img_name"]) == [f"{i:03d}.jpg" for i in range(5)]
+    assert list(df["img_name"]) == [f"{i:03d}.jpg" for i in range(5)] + ["broken.jpg"]
+    assert df.iloc[-1, 1:].tolist() == [0.5, 0.5, 0.5]  # the unreadable image's row holds --fill
     assert df["y_pred"].between(0, 1).all()
     assert (df["y_pred"] - (df["eff"] + df["clip"]) / 2).abs().max() < 1e-5
 
@@ -114,3 +117,12 @@ def test_crop_faces_scores_the_face_crop(tiny_weights, tmp_path, capsys):
     assert infer.main([image, "--weights", str(tiny_weights), "--quiet", "--crop-faces"]) == 0
     cropped = float(capsys.readouterr().out.split("\t")[0])
     assert 0.0 <= cropped <= 1.0 and cropped != whole
+
+
+def test_a_submission_is_readable_by_others_under_a_usual_umask(tiny_weights, image_folder, tmp_path):
+    out = tmp_path / "sub.csv"
+    old = os.umask(0o022)
+    infer.main([str(image_folder / "images" / "000.jpg"), "--weights", str(tiny_weights), "--submission", str(out),
+                "--quiet"])
+    os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644 and len(pd.read_csv(out)) == 1

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from data_prep import sd_augment as sda
-from data_prep.labels import read_labels, split_by_group
+from core.labels import read_labels, split_by_group
 from tests.conftest import ROOT, write_labelled_set
 
 torch.set_num_threads(1)

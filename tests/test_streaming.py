@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import infer
-from evaluation.scoring import score_batches
+from scoring.pipeline import score_batches
 from experts import create_expert, load_ensemble, save_ensemble
 from tests.conftest import ROOT
 
@@ -131,7 +131,9 @@ def test_killed_loader_worker_is_reported_not_hung_on(job):
 
 
 def test_infer_reports_a_worker_crash_and_keeps_the_partial_file(job, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(infer, "score_batches", functools.partial(score_batches, transform=Explode))
+    import scoring.pipeline
+
+    monkeypatch.setattr(scoring.pipeline, "score_batches", functools.partial(score_batches, transform=Explode))
     out = tmp_path / "sub.csv"
     with pytest.raises(RuntimeError, match="boom in the transform"):
         infer.main(args(job, out, "--workers", "1"))

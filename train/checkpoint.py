@@ -1,13 +1,14 @@
 """Checkpoints that survive a kill: atomic writes, tensors only, every RNG restored on resume."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from core.files import atomic_output
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -29,9 +30,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, **state: Any) -> None:
     """Write atomically (temp file + rename) so that a kill mid-save keeps the previous checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Sampler
 
-from data_prep.labels import LabelsError, read_labels, read_splits, split_by_group
+from core.labels import LabelsError, read_labels, read_splits, split_by_group
 from train.config import TrainConfig
 
 BALANCE_MODES = ("none", "class", "source_class")

@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):  # `python train/heads.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from data_prep.labels import read_splits
+from core.labels import read_splits
 from evaluation.metrics import detection_metrics
 from experts import create_expert, save_ensemble
 from experts.clip import ClipExpert
@@ -197,8 +194,8 @@ def heldout_report(rows: pd.DataFrame, tokens: np.ndarray, meta: dict, spec: Hea
 def check_parity(expert: ClipExpert, rows: pd.DataFrame, features: torch.Tensor, meta: dict, n: int = 8) -> float:
     """Max |difference| of the fake probability between the expert scoring ``n`` real images end to end and
     its head scoring their cached tokens; a head that scores the cache unlike the images is refused."""
-    from data_prep.dataset import ImageDataset
-    from data_prep.transforms import shortcut_free_eval_transform
+    from core.dataset import ImageDataset
+    from core.transforms import shortcut_free_eval_transform
 
     size = meta["input_size"]
     picks = np.flatnonzero(rows["ok"].to_numpy())[:n]

@@ -29,9 +29,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
-if __package__ in (None, ""):  # `python train/joint.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import torch
 import yaml
@@ -40,12 +37,12 @@ from torch.utils.data import DataLoader
 from torch_ema import ExponentialMovingAverage
 from tqdm import tqdm
 
-from data_prep.dataset import ImageDataset
-from data_prep.transforms import shortcut_free_eval_transform, train_transform
+from core.dataset import ImageDataset
+from core.transforms import shortcut_free_eval_transform, train_transform
 from evaluation.metrics import detection_metrics
-from evaluation.scoring import score_images
+from scoring.pipeline import score_images
 from experts import Ensemble, Expert, create_expert, save_ensemble
-from experts.device import DeviceError, resolve_device
+from core.device import DeviceError, resolve_device
 from train.checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.config import TrainConfig, load_config
 from train.data import EpochSampler, Splits, build_splits, expert_key, sampling_weights

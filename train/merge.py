@@ -16,9 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/merge.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from experts import Expert, WeightsError, read_manifest, save_ensemble
 from experts.weights import load_expert
 

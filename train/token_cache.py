@@ -17,15 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
-from functools import partial
 from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):  # `python train/token_cache.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pandas as pd
@@ -34,9 +28,10 @@ from safetensors.numpy import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_prep.dataset import ImageDataset
-from data_prep.labels import read_labels
-from data_prep.transforms import shortcut_free_eval_transform
+from core.files import atomic_output, atomic_write
+from core.dataset import ImageDataset
+from core.labels import read_labels
+from core.transforms import shortcut_free_eval_transform
 from experts import create_expert
 from experts.clip import ClipExpert
 
@@ -71,8 +66,9 @@ def build_cache(csvs: Sequence[str | Path], out: str | Path, *, expert_name: str
             "jpeg_quality": jpeg_quality, "layers": layers, "config": expert.config.to_dict(),
             "csvs": [str(c) for c in csvs], "n": len(rows), "shard_size": shard_size}
     _check_same_cache(out, meta)
-    _write_atomic(out / INDEX, lambda p: rows.to_csv(p, index=False))
-    _write_atomic(out / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    with atomic_output(out / INDEX) as tmp:
+        rows.to_csv(tmp, index=False)
+    atomic_write(out / META, json.dumps(meta, indent=2) + "\n")
 
     transform = {input_size: shortcut_free_eval_transform(input_size, jpeg_quality)}
     n_shards = (len(rows) + shard_size - 1) // shard_size
@@ -94,7 +90,8 @@ def build_cache(csvs: Sequence[str | Path], out: str | Path, *, expert_name: str
         for path, e in zip(part["path"], errors):
             if e:
                 tqdm.write(f"warning: {e} (left out of the cache)", file=sys.stderr)
-        _write_atomic(shard_path(out, i), partial(_save_shard, np.concatenate(tokens), ok))
+        with atomic_output(shard_path(out, i)) as tmp:
+            _save_shard(np.concatenate(tokens), ok, str(tmp))
     bar.close()
     return out
 
@@ -110,18 +107,6 @@ def _check_same_cache(out: Path, meta: dict) -> None:
         previous = json.loads(old.read_text())
         if {k: v for k, v in previous.items() if k != "config"} != {k: v for k, v in meta.items() if k != "config"}:
             raise SystemExit(f"error: {out} holds a cache made with other settings ({old}); use another --out")
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_cache(folder: str | Path, partial: bool = False) -> tuple[pd.DataFrame, np.ndarray, dict]:

@@ -5,6 +5,7 @@ images, and the consumer (training or scoring) decides what to do with it.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import albumentations as A
@@ -65,11 +66,16 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = {"index": index, "target": self.targets[index], "error": ""}
+        item = {"index": index, "target": self.targets[index], "error": "", "note": ""}
         try:
             image = limit_aspect(load_image(self.paths[index]))
             if self.preprocess is not None:
-                image = self.preprocess(image)
+                # A warning while preprocessing (no face found for a face crop) is this image's note: the
+                # caller reports it next to the image's name instead of once, anonymously, per process.
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    image = self.preprocess(image)
+                item["note"] = "; ".join(str(w.message) for w in caught)
         except ImageLoadError as e:
             item["error"] = str(e)
             item["images"] = {s: torch.zeros(3, s, s) for s in self.transforms}

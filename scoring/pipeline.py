@@ -1,7 +1,8 @@
-"""The scoring loop: images on disk -> the ensemble's fake probabilities, batch by batch.
+"""The scoring pipeline: images on disk -> the experts -> fake probabilities, as arrays per batch.
 
-Shared by ``infer.py`` (plain evaluation resize) and validation (resize plus one JPEG quality), so that
-reported numbers come from exactly the code users run.
+The one home of scoring: ``infer.py`` (plain evaluation resize), validation and thresholds (resize plus
+one JPEG quality), training's validation passes and the benchmarks all call :func:`score_batches`, so
+that reported numbers come from exactly the code users run.
 """
 from __future__ import annotations
 
@@ -12,21 +13,52 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from data_prep.dataset import ImageDataset
-from data_prep.faces import crop_face
-from data_prep.transforms import eval_transform
+from core.dataset import ImageDataset
+from core.faces import crop_face
+from core.progress import progress_bar
+from core.transforms import eval_transform
 from experts import Ensemble
 
 
 @dataclass
 class Score:
+    """One image's result: the ensemble's fake probability, each expert's, or ``error`` (scores NaN)."""
+
     name: str
     prob: float
     expert_probs: np.ndarray
     error: str = ""
     path: str = ""
+
+
+@dataclass
+class BatchScores:
+    """One batch's results as arrays: ``probs[B]`` (the ensemble), ``expert_probs[B, E]`` and, per image,
+    its name, path, error (``""`` when it was scored; else its scores are NaN) and note (what preprocessing
+    reported, e.g. that no face was found and the centre square was scored).
+
+    Iterating gives one :class:`Score` per image, for callers that go image by image.
+    """
+
+    names: list[str]
+    paths: list[str]
+    probs: np.ndarray
+    expert_probs: np.ndarray
+    errors: list[str]
+    notes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[Score]:
+        for j, name in enumerate(self.names):
+            yield Score(name, float(self.probs[j]), self.expert_probs[j], self.errors[j], self.paths[j])
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Which images were scored (bool mask)."""
+        return np.array([not e for e in self.errors], dtype=bool)
 
 
 def score_images(ensemble: Ensemble, paths: Sequence[str], names: Sequence[str] | None = None,
@@ -46,7 +78,7 @@ def score_images(ensemble: Ensemble, paths: Sequence[str], names: Sequence[str] 
 def score_batches(ensemble: Ensemble, paths: Sequence[str], names: Sequence[str] | None = None,
                   batch_size: int = 32, workers: int = 0, device: str | torch.device = "cpu",
                   progress: bool = True, transform: Callable[[int], Callable] = eval_transform,
-                  crop_faces: bool = False) -> Iterator[list[Score]]:
+                  crop_faces: bool = False) -> Iterator[BatchScores]:
     """:func:`score_images` one batch at a time, so that a caller can save its results batch by batch.
 
     Nothing is kept between batches: memory stays flat however many images there are. An exception in
@@ -61,7 +93,7 @@ def score_batches(ensemble: Ensemble, paths: Sequence[str], names: Sequence[str]
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    with tqdm(total=len(dataset), desc="scoring", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=len(dataset), desc="scoring", enabled=progress) as bar:
         for batch in loader:
             ok = torch.tensor([not e for e in batch["error"]])
             probs = np.full((len(ok), len(ensemble.names)), np.nan)
@@ -70,11 +102,13 @@ def score_batches(ensemble: Ensemble, paths: Sequence[str], names: Sequence[str]
                     images = {s: t[ok].to(device, non_blocking=True) for s, t in batch["images"].items()}
                     probs[ok.numpy()] = ensemble.expert_probs(images).float().cpu().numpy()
             combined = ensemble.combine(torch.from_numpy(probs)).numpy()
-            yield [Score(names[index], float(combined[j]), probs[j], batch["error"][j], str(dataset.paths[index]))
-                   for j, index in enumerate(batch["index"].tolist())]
+            indices = batch["index"].tolist()
+            yield BatchScores([names[i] for i in indices], [str(dataset.paths[i]) for i in indices], combined, probs,
+                              list(batch["error"]), list(batch["note"]))
             bar.update(len(ok))
 
 
 def face_crop_only(image: np.ndarray, size: int) -> np.ndarray:
-    """The face crop of :func:`data_prep.faces.crop_face`, without its warning (scoring goes on)."""
-    return crop_face(image, size=size, warn=False)[0]
+    """The face crop of :func:`core.faces.crop_face`; where it finds no face, its ``NoFaceWarning`` becomes
+    the image's note (:class:`BatchScores`), and the centre square is scored."""
+    return crop_face(image, size=size, warn=True)[0]

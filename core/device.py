@@ -1,0 +1,51 @@
+"""Choosing the torch device and CPU threads from a user's options, the same way in every command."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class DeviceError(ValueError):
+    """A device the user asked for that this machine does not have."""
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU; ``"cuda[:N]"`` only where CUDA is available."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise DeviceError(f"device {name!r}: {e}") from None
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's total: containers and
+    ``taskset`` give a process fewer)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads(workers: int = 0) -> int:
+    """torch's CPU threads when the user does not say: one per CPU left over by the loader workers.
+
+    torch's own default (one thread per core) ignores the worker processes that decode images beside it;
+    on a 2-core machine with one worker, both then fight for the cores and OpenMP's spinning threads make
+    small operations many times slower (``bench/infer_speed.py --threads-table`` measures it).
+    """
+    return max(1, cpu_count() - max(0, workers))
+
+
+def set_threads(threads: int | None, workers: int = 0) -> int:
+    """Set torch's CPU threads (``None`` or 0: :func:`default_threads`); returns the number set."""
+    if threads is not None and threads < 0:
+        raise DeviceError(f"--threads must be at least 1 (0: automatic), got {threads}")
+    n = threads or default_threads(workers)
+    torch.set_num_threads(n)
+    return n

@@ -1,0 +1,139 @@
+"""Submissions: scores written as they come, resumable after a kill, one row per input image.
+
+A submission is ``img_name,y_pred`` (plus one column per expert on request), in input order. While a run
+scores, each batch is appended to ``OUT.csv.partial`` and flushed: memory stays flat and a killed run
+loses at most one batch (:func:`done_names` tells a resumed run what to skip). At the end the rows are
+written to ``OUT.csv`` atomically and the partial file is removed.
+
+An image that could not be scored still gets a row, with ``fill`` (0.5 by default: "don't know") as its
+score, because competitions and :mod:`evaluation.submission` reject a submission with missing rows;
+``fill=None`` leaves it out.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from core.files import atomic_output
+
+DEFAULT_FILL = 0.5
+
+
+class SubmissionError(ValueError):
+    """A partial file that cannot be continued, or inputs that cannot make a submission."""
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where a submission's rows go while it is being scored."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def check_unique(names: Sequence[str]) -> None:
+    """A submission needs each ``img_name`` once: refuse inputs that list one twice."""
+    index = pd.Index(names)
+    if index.has_duplicates:
+        raise SubmissionError(f"{index[index.duplicated()][0]}: listed twice in the input; a submission needs "
+                              "each img_name once")
+
+
+class PartialWriter:
+    """Appends scored rows to ``OUT.csv.partial``, flushed and synced per batch.
+
+    The first line stamps the settings (weights, crop, columns) the rows were scored with; a resumed run
+    with other settings is refused rather than mixed in.
+    """
+
+    def __init__(self, path: Path, stamp: str, columns: Sequence[str]):
+        self.path, self.stamp, self.columns = path, stamp, list(columns)
+        self._file = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="")
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        if self._file.tell() == 0:
+            self._file.write(stamp + "\n")
+            self._writer.writerow(self.columns)
+
+    def write(self, rows: Sequence[Sequence[str]]) -> None:
+        self._writer.writerows(rows)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "PartialWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_partial(path: Path, stamp: str, columns: Sequence[str]) -> pd.DataFrame:
+    """The rows a partial file holds, as written (strings); ``img_name`` unique.
+
+    A kill can tear the last line: it is cut off the file, so that the next run appends after whole rows
+    and scores that image again.
+    """
+    with open(path, "r+b") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        stamp_and_header = data.count(b"\n", 0, end) >= 2
+        f.truncate(end if stamp_and_header else 0)
+    if not stamp_and_header:
+        return pd.DataFrame(columns=list(columns))
+    first, header, _ = data[:end].decode("utf-8", "surrogateescape").split("\n", 2)
+    if first != stamp or header.split(",") != list(columns):
+        raise SubmissionError(f"{path}: written by a run with other settings ({first.lstrip('# ')}; {header}); "
+                              "rerun with the same --weights, --per-expert and --crop-faces, or delete it")
+    try:  # surrogateescape: file names that are not valid UTF-8 (possible on Linux) go through unchanged
+        df = pd.read_csv(io.BytesIO(data[data.index(b"\n") + 1:end]), dtype=str, keep_default_na=False,
+                         encoding="utf-8", encoding_errors="surrogateescape")
+    except pd.errors.ParserError as e:
+        raise SubmissionError(f"{path}: corrupt ({e}); delete it to start over") from None
+    df = df[pd.to_numeric(df["y_pred"], errors="coerce").notna()]
+    return df.drop_duplicates("img_name", keep="last")
+
+
+def done_names(partial: Path, stamp: str, columns: Sequence[str]) -> set[str]:
+    """The names a partial file already holds scores for (empty when there is no partial file)."""
+    return set(read_partial(partial, stamp, columns)["img_name"]) if partial.exists() else set()
+
+
+def write_submission(partial: Path, out: Path, names: Sequence[str], stamp: str, columns: Sequence[str],
+                     fill: float | None = DEFAULT_FILL) -> tuple[int, int]:
+    """Write the partial file's rows of ``names`` to ``out`` in the order of ``names``, atomically.
+
+    The values are copied as written, so a resumed run gives the same file as an uninterrupted one. A name
+    without a score gets ``fill`` in every score column (or no row when ``fill`` is None). Returns
+    ``(rows written, rows filled)``.
+    """
+    df = read_partial(partial, stamp, columns).set_index("img_name")
+    missing = [n for n in names if n not in df.index]
+    if fill is not None and missing:
+        filled = pd.DataFrame({c: f"{fill:.6f}" for c in columns[1:]}, index=pd.Index(missing, name="img_name"))
+        df = pd.concat([df, filled])
+    position = pd.Index(names).get_indexer(df.index)
+    keep = position >= 0
+    df = df[keep].iloc[np.argsort(position[keep], kind="stable")].reset_index()
+    with atomic_output(out) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            df.to_csv(f, index=False, lineterminator="\n")
+    return len(df), len(missing) if fill is not None else 0
+
+
+def parse_fill(value: str) -> float | None:
+    """``--fill``: a probability in [0, 1], or ``none`` to leave unreadable images out."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        fill = float(value)
+    except ValueError:
+        fill = float("nan")
+    if not 0.0 <= fill <= 1.0:
+        raise ValueError(f"--fill must be a probability in [0, 1] or 'none', got {value!r}")
+    return fill
