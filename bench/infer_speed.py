@@ -170,19 +170,18 @@ class Result:
     peak_rss_mib: float
     peak_gpu_mib: float | None
     threads: int = 0
+    workers: int = 0
     per_expert: list[ExpertTiming] = field(default_factory=list)
 
 
 def sample_images(n: int, folder: str | Path | None = None) -> list[str]:
     """``n`` image paths from ``folder`` (default: the shared DFDC faces, else ``demo/``), repeated if needed."""
-    from core.images import is_image_file
+    from core.image_lists import read_image_list
 
     if folder is None:
         shared = ROOT.parent / "shared" / "data" / "dfdc_faces" / "images"
         folder = shared if shared.is_dir() else ROOT / "demo"
-    pool = sorted(p for p in Path(folder).iterdir() if is_image_file(p))
-    if not pool:
-        raise SystemExit(f"error: no images in {folder}")
+    pool = read_image_list(folder)["path"].tolist()  # ImageListError (a ValueError) names an empty folder
     return [str(pool[i % len(pool)]) for i in range(n)]
 
 
@@ -229,12 +228,13 @@ def time_experts(ensemble, paths: Sequence[str], batch_size: int, device: str) -
 
 
 def measure(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str, queue: mp.Queue,
-            threads: int | None = None, per_expert: bool = True) -> None:
+            threads: int | None = None, per_expert: bool = True, workers: int = 0) -> None:
     """Build ``spec``, score ``paths`` once (after a warm-up batch) and put a :class:`Result` on ``queue``.
 
     Runs in a process of its own (see :func:`run_spec`); any exception goes on the queue as text instead.
-    ``threads`` sets torch's CPU threads (default: torch's own choice, one per core). ``per_expert`` then
-    times each expert alone on the same batches (:func:`time_experts`), after the peak memory is read.
+    ``threads`` sets torch's CPU threads (default: torch's own choice, one per core), ``workers`` the
+    image-decoding processes, as ``infer.py`` does. ``per_expert`` then times each expert alone on the same
+    batches (:func:`time_experts`), after the peak memory is read.
     """
     try:
         import torch
@@ -247,12 +247,14 @@ def measure(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str,
         cuda = device.startswith("cuda")
         ensemble = spec.build(device)
         # One warm-up batch: allocator, oneDNN/cuDNN kernel choices and lazy imports are paid before the clock.
-        list(score_images(ensemble, paths[:batch_size], batch_size=batch_size, device=device, progress=False))
+        list(score_images(ensemble, paths[:batch_size], batch_size=batch_size, workers=workers, device=device,
+                          progress=False))
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        scores = list(score_images(ensemble, paths, batch_size=batch_size, device=device, progress=False))
+        scores = list(score_images(ensemble, paths, batch_size=batch_size, workers=workers, device=device,
+                                   progress=False))
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -262,7 +264,7 @@ def measure(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str,
             batch_size=batch_size, images=len(scores), images_per_s=len(scores) / seconds,
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-            threads=torch.get_num_threads(),
+            threads=torch.get_num_threads(), workers=workers,
         )
         if per_expert:  # after the peaks are read: this pass must not count in the ensemble's memory
             result.per_expert = time_experts(ensemble, paths, batch_size, device)
@@ -272,11 +274,12 @@ def measure(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str,
 
 
 def run_spec(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str,
-             threads: int | None = None, per_expert: bool = True) -> Result:
+             threads: int | None = None, per_expert: bool = True, workers: int = 0) -> Result:
     """:func:`measure` in a fresh spawned process, so its peak memory is its own; errors are re-raised here."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=measure, args=(spec, list(paths), batch_size, device, queue, threads, per_expert))
+    proc = ctx.Process(target=measure, args=(spec, list(paths), batch_size, device, queue, threads, per_expert,
+                                                  workers))
     proc.start()
     try:
         while True:
@@ -303,6 +306,34 @@ def run_benchmark(plan: Sequence[tuple[ModelSpec, Sequence[int], Sequence[str]]]
             log(f"measuring {spec.label} at batch {batch_size} on {len(paths)} images ...")
             results.append(run_spec(spec, paths, batch_size, device, threads, per_expert))
     return results
+
+
+def threads_table(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str = "cpu",
+                  settings: Sequence[tuple[int, int]] | None = None, log=print) -> list[Result]:
+    """The same images scored at each (torch threads, loader workers) of ``settings`` (default: every
+    thread count from 1 to the CPUs this process may use, with 0 and 1 workers), one fresh process each:
+    the numbers behind ``infer.py``'s default (:func:`core.device.default_threads`)."""
+    from core.device import cpu_count
+
+    if settings is None:
+        settings = [(t, w) for w in (0, 1) for t in range(1, cpu_count() + 1)]
+    results = []
+    for threads, workers in settings:
+        log(f"measuring {spec.label} at batch {batch_size} with {threads} thread(s), {workers} worker(s) ...")
+        results.append(run_spec(spec, paths, batch_size, device, threads, per_expert=False, workers=workers))
+    return results
+
+
+def threads_report(results: Sequence[Result]) -> str:
+    """Markdown table of :func:`threads_table`: images/s per (threads, workers), and which one infer.py picks."""
+    from core.device import default_threads
+
+    best = max(r.images_per_s for r in results)
+    lines = ["| torch threads | loader workers | images/s | vs best | infer.py default |", "|---|---|---|---|---|"]
+    for r in results:
+        chosen = "yes" if r.threads == default_threads(r.workers) else ""
+        lines.append(f"| {r.threads} | {r.workers} | {_rate(r.images_per_s)} | {r.images_per_s / best:.2f} | {chosen} |")
+    return "\n".join(lines)
 
 
 def _composition(names: Sequence[str]) -> str:
@@ -394,7 +425,10 @@ def main(argv: Sequence[str] | None = None, original: ModelSpec | None = None) -
     parser.add_argument("--images", type=int, default=256, help="images scored per run of the default")
     parser.add_argument("--image-dir", default=None,
                         help="images to score (default: ../shared/data/dfdc_faces/images, else demo/)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--threads-table", action="store_true",
+                        help="instead: score the default at its largest batch size with 1..N torch threads and 0 or 1 "
+                             "loader workers, one table (the choice behind infer.py's default threads)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads in each measuring process (default: torch's, one per core); "
                              "on a machine busy with other work, 1 avoids OpenMP threads waiting on each other")
@@ -421,6 +455,15 @@ def main(argv: Sequence[str] | None = None, original: ModelSpec | None = None) -
     if not args.no_original:
         plan.append((original or original_spec(args.original_config), args.original_batch_sizes, paths[:n_original]))
 
+    if args.threads_table:
+        from core.device import cpu_count
+
+        print(f"device: {args.device}; CPUs: {cpu_count()}; default at batch {max(args.batch_sizes)} on "
+              f"{args.images} images", flush=True)
+        results = threads_table(ModelSpec("default", weights=args.weights), paths[:args.images],
+                                max(args.batch_sizes), args.device, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(threads_report(results))
+        return 0
     print(f"device: {args.device}; torch threads: {args.threads or torch.get_num_threads()}; images per run: "
           + ", ".join(f"{spec.label} {len(p)}" for spec, _, p in plan), flush=True)
     results = run_benchmark(plan, args.device, args.threads, log=lambda m: print(m, file=sys.stderr, flush=True),

@@ -150,3 +150,18 @@ def test_a_failing_measurement_is_reported_as_text_not_lost(tmp_path: Path):
     infer_speed.measure(ModelSpec("broken", weights=str(tmp_path / "no_such_weights")), paths, 1, "cpu", outcome)
     text = outcome.get_nowait()
     assert isinstance(text, str) and "Traceback" in text and "no_such_weights" in text
+
+
+def test_threads_table_runs_each_setting_in_its_own_process_and_marks_infer_defaults(tmp_path: Path):
+    from core.device import default_threads
+
+    torch.manual_seed(0)
+    weights = save_ensemble({"eff": create_expert("test_efficientnet")}, tmp_path / "w")
+    paths = sorted(str(p) for p in (write_labelled_set(tmp_path / "imgs", n=4).parent / "images").iterdir())
+    results = infer_speed.threads_table(ModelSpec("default", weights=str(weights)), paths, batch_size=2,
+                                        settings=[(1, 0), (1, 1)], log=lambda m: None)
+    assert [(r.threads, r.workers, r.images) for r in results] == [(1, 0, 4), (1, 1, 4)]
+    table = infer_speed.threads_report(results).splitlines()
+    assert table[0].startswith("| torch threads | loader workers | images/s")
+    assert table[2].endswith("| yes |") == (default_threads(0) == 1)
+    assert table[3].endswith("| yes |") == (default_threads(1) == 1)
