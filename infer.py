@@ -32,6 +32,7 @@ import argparse
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -73,44 +74,59 @@ class OptionError(ValueError):
     """An option value or combination that cannot work."""
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Run:
+    """How to score: the options of a run, checked (see the command's help for each)."""
+
+    weights: str = str(DEFAULT_WEIGHTS)
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = 0
+    threads: int = 0
+    crop_faces: bool = False
+    per_expert: bool = False
+    progress: bool = True
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.workers < 0 or self.threads < 0:
+            raise OptionError("--batch-size must be at least 1, --workers and --threads at least 0")
+
+
+def score_sources(sources: Sequence[str], run: Run, submission: str | None = None, overwrite: bool = False,
+                  resume: bool = False, fill: float | None = 0.5) -> int:
+    """Score every image the sources name: printed, or into the ``submission`` CSV; returns the exit status
+    (0, or 1 when some images could not be scored). Raises the typed errors ``main()`` maps to status 2."""
     from core.device import resolve_device, set_threads
     from core.image_lists import read_image_list
     from experts import load_ensemble
-    from scoring.submission import parse_fill
 
-    if args.batch_size < 1 or args.workers < 0 or args.threads < 0:
-        raise OptionError("--batch-size must be at least 1, --workers and --threads at least 0")
-    if args.resume and not args.submission:
+    if resume and not submission:
         raise OptionError("--resume continues a --submission run; pass --submission OUT.csv")
-    if args.submission and Path(args.submission).exists() and not args.overwrite:
-        raise OptionError(f"{args.submission} exists; pass --overwrite to replace it")
-    try:
-        fill = parse_fill(args.fill)
-    except ValueError as e:
-        raise OptionError(str(e)) from None
-    items = read_image_list(args.sources)
-    device = resolve_device(args.device)
-    set_threads(args.threads, args.workers)
-    ensemble = load_ensemble(args.weights, device)
+    if submission and Path(submission).exists() and not overwrite:
+        raise OptionError(f"{submission} exists; pass --overwrite to replace it")
+    items = read_image_list(sources)
+    device = resolve_device(run.device)
+    set_threads(run.threads, run.workers)
+    ensemble = load_ensemble(run.weights, device)
     names, paths = items["img_name"].tolist(), items["path"].tolist()
-    if args.submission:
-        failed = score_to_submission(args, names, paths, ensemble, device, fill)
+    if submission:
+        failed = score_to_submission(run, names, paths, ensemble, device, submission, resume, fill)
     else:
-        failed = score_to_stdout(args, names, paths, ensemble, device)
+        failed = score_to_stdout(run, names, paths, ensemble, device)
     if failed:
-        filled = f"; their rows hold --fill {fill}" if args.submission and fill is not None else ""
+        filled = f"; their rows hold --fill {fill}" if submission and fill is not None else ""
         print(f"{failed} of {len(items)} images could not be scored (see the errors above){filled}", file=sys.stderr)
         return 1
     return 0
 
 
-def _batches(args: argparse.Namespace, names: Sequence[str], paths: Sequence[str], ensemble: "Ensemble",
-             device: "torch.device", progress: bool) -> Iterator["BatchScores"]:
+def _batches(run: Run, names: Sequence[str], paths: Sequence[str], ensemble: "Ensemble", device: "torch.device",
+             progress: bool) -> Iterator["BatchScores"]:
     from scoring.pipeline import score_batches
 
-    return score_batches(ensemble, paths, names, args.batch_size, args.workers, device,
-                         progress=progress and not args.quiet, crop_faces=args.crop_faces)
+    return score_batches(ensemble, paths, names, run.batch_size, run.workers, device,
+                         progress=progress and run.progress, crop_faces=run.crop_faces)
 
 
 def _report(score: "Score", debug: bool) -> None:
@@ -135,7 +151,7 @@ def _note(batch: "BatchScores") -> None:
             write_line(f"note: {name}: {note}")
 
 
-def score_to_stdout(args: argparse.Namespace, names: Sequence[str], paths: Sequence[str], ensemble: "Ensemble",
+def score_to_stdout(run: Run, names: Sequence[str], paths: Sequence[str], ensemble: "Ensemble",
                     device: "torch.device") -> int:
     """Print ``probability<TAB>verdict<TAB>name[<TAB>expert probability ...]`` per image as it is scored.
 
@@ -145,32 +161,32 @@ def score_to_stdout(args: argparse.Namespace, names: Sequence[str], paths: Seque
     from core.progress import write_line
 
     failed = 0
-    for batch in _batches(args, names, paths, ensemble, device, progress=len(names) > 1):
+    for batch in _batches(run, names, paths, ensemble, device, progress=len(names) > 1):
         _note(batch)
         for score in batch:
             if score.error:
                 failed += 1
-                _report(score, args.debug)
+                _report(score, run.debug)
                 continue
-            extra = "".join(f"\t{p:.6f}" for p in score.expert_probs) if args.per_expert else ""
+            extra = "".join(f"\t{p:.6f}" for p in score.expert_probs) if run.per_expert else ""
             write_line(f"{score.prob:.6f}\t{ensemble.verdict(score.prob)}\t{score.name}{extra}", file=sys.stdout)
     return failed
 
 
-def score_to_submission(args: argparse.Namespace, names: Sequence[str], paths: Sequence[str],
-                        ensemble: "Ensemble", device: "torch.device", fill: float | None) -> int:
+def score_to_submission(run: Run, names: Sequence[str], paths: Sequence[str], ensemble: "Ensemble",
+                        device: "torch.device", submission: str, resume: bool, fill: float | None) -> int:
     """Score into ``OUT.csv.partial`` batch by batch, then write ``OUT.csv``; returns the number of failures."""
     from core.progress import write_line
     from experts import read_manifest, scores_fingerprint
     from scoring.submission import (PartialWriter, SubmissionError, check_unique, done_names, partial_path,
                                     write_submission)
 
-    out, partial = Path(args.submission), partial_path(args.submission)
+    out, partial = Path(submission), partial_path(submission)
     check_unique(names)
-    columns = ["img_name", "y_pred", *(ensemble.names if args.per_expert else [])]
-    stamp = (f"# partial results of infer.py: weights {scores_fingerprint(read_manifest(args.weights))}, "
-             f"crop_faces {args.crop_faces}")
-    if partial.exists() and not args.resume:
+    columns = ["img_name", "y_pred", *(ensemble.names if run.per_expert else [])]
+    stamp = (f"# partial results of infer.py: weights {scores_fingerprint(read_manifest(run.weights))}, "
+             f"crop_faces {run.crop_faces}")
+    if partial.exists() and not resume:
         raise SubmissionError(f"{partial}: holds the results of an interrupted run; pass --resume to continue it "
                               "or delete it to start over")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,16 +196,16 @@ def score_to_submission(args: argparse.Namespace, names: Sequence[str], paths: S
     start = time.perf_counter()
     with PartialWriter(partial, stamp, columns) as writer:
         try:
-            for batch in _batches(args, [names[i] for i in todo], [paths[i] for i in todo], ensemble, device,
+            for batch in _batches(run, [names[i] for i in todo], [paths[i] for i in todo], ensemble, device,
                                   progress=True):
                 _note(batch)
                 rows = []
                 for score in batch:
                     if score.error:
                         failed += 1
-                        _report(score, args.debug)
+                        _report(score, run.debug)
                         continue
-                    experts = score.expert_probs if args.per_expert else []
+                    experts = score.expert_probs if run.per_expert else []
                     rows.append([score.name, f"{score.prob:.6f}", *(f"{p:.6f}" for p in experts)])
                 writer.write(rows)
                 scored += len(rows)
@@ -212,10 +228,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from core.device import DeviceError
     from core.image_lists import ImageListError
     from experts import WeightsError
-    from scoring.submission import SubmissionError
+    from scoring.submission import SubmissionError, parse_fill
 
     try:
-        return run(args)
+        try:
+            fill = parse_fill(args.fill)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
+        run = Run(weights=args.weights, device=args.device, batch_size=args.batch_size, workers=args.workers,
+                  threads=args.threads, crop_faces=args.crop_faces, per_expert=args.per_expert,
+                  progress=not args.quiet, debug=args.debug)
+        return score_sources(args.sources, run, args.submission, args.overwrite, args.resume, fill)
     except (OptionError, ImageListError, SubmissionError, WeightsError, DeviceError) as e:
         if args.debug:
             traceback.print_exc()

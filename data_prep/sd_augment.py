@@ -24,16 +24,18 @@ Output, in ``--out``:
 
     images/<name>.png    the fakes                  masks/<name>.png    inpainting masks (white = repainted)
     meta/<name>.json     everything needed to redo the image: prompt, negative prompt, seed, steps,
-                         guidance, strength, model, origin, mask...
+                         guidance, strength, model, origin, mask..., and the sizes of the files written
     labels.csv           img_name,target(=1),group,source(sd-img2img|sd-inpaint),prompt,... in the
                          competition's format; group is the source image's group, so that a fake and its
                          real stay on one side of a group split
 
-Each image gets its own seeded CPU ``torch.Generator`` (the same starting noise on any device), with a seed
-derived from ``--seed`` and the output name, so adding images never changes the others. Re-running the
-same command resumes: an output whose image and metadata both exist is skipped (even if the options
-changed since; a warning says so). Every file is written atomically (temporary file, then rename), and
-labels.csv is rebuilt from the metadata at the end of each run, interrupted or not.
+Each image gets its own seeded CPU random generator (the same starting noise on any device), with a seed
+derived from ``--seed`` and the output name (``data_prep/augment_jobs.py``, shared with
+``augment_edits.py``), so adding images or changing ``--batch-size`` never changes the others. Re-running
+the same command resumes: an output whose metadata exists and lists its files as written is skipped (even
+if the options changed since; a warning says so); one killed half-way or whose image was deleted is made
+again. Every file is written atomically (temporary file, then rename), the metadata last, and labels.csv is
+rebuilt from the metadata at the end of each run, interrupted or not.
 
 The safety checker of SD 1.x/2.x checkpoints stays on unless ``--no-safety-checker`` is passed; an image it
 blocks (returned black) is not written and is reported.
@@ -41,8 +43,7 @@ blocks (returned black) is not written and is reported.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import math
 import os
 import sys
 import time
@@ -50,22 +51,20 @@ import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import cv2
 import numpy as np
-import pandas as pd
-import torch
-from PIL import Image
-from tqdm import tqdm
 
-from core.faces import has_detector, largest_face
-from core.files import atomic_output, atomic_write
-from core.image_lists import read_image_list
-from core.images import ImageLoadError, load_image
-from core.labels import LabelsError
-from core.transforms import eval_transform
-from core.device import DeviceError, resolve_device
+from core.progress import progress_bar, write_line
+from core.protocol import DEFAULT_DEVICE
+from data_prep.augment_jobs import AugmentError, Job, OutputFolder, check_seed, check_unique, image_name, job_seed, \
+    mask_name
+
+if TYPE_CHECKING:  # torch, diffusers, cv2 and pandas are imported where used, so that --help is instant
+    import pandas as pd
+    import torch
+
+    from core.faces import Face
 
 MODES = ("img2img", "inpaint")
 MASK_KINDS = ("face", "ellipse", "box")
@@ -77,10 +76,6 @@ LABEL_COLUMNS = ["img_name", "target", "group", "source", "prompt", "negative_pr
                  "scheduler", "dtype"]
 # Options that, if they differ from an existing output's metadata, mean a re-run is mixing settings.
 SETTINGS_KEYS = ("prompt", "negative_prompt", "steps", "guidance", "model", "size")
-
-
-class AugmentError(ValueError):
-    """Options or inputs that cannot be used; the message is one line naming the option or file."""
 
 
 @dataclass
@@ -99,7 +94,7 @@ class AugmentConfig:
     seed: int = 0
     batch_size: int = 4
     size: int = 512
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     limit: int | None = None                               # source images, not outputs
     include_fakes: bool = False                            # also use rows with target 1 as sources
     paste_back: bool = False
@@ -109,17 +104,12 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One output image to make: its name, its source, and how."""
+class SDJob(Job):
+    """One output image to make (name, source, group and seed: see :class:`Job`), and how."""
 
-    name: str            # output stem: images/<name>.png, meta/<name>.json
-    origin: str          # the source image's img_name
-    path: str            # the source image's absolute path
-    group: str
     mode: str            # img2img | inpaint
     strength: float
     mask_kind: str       # "" for img2img
-    seed: int
 
 
 @dataclass
@@ -150,17 +140,22 @@ def check_config(cfg: AugmentConfig) -> None:
         raise AugmentError(f"--size must be a multiple of 8 (the VAE's downsampling), got {cfg.size}")
     if cfg.steps < 1 or cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise AugmentError("--steps, --batch-size and --limit must be at least 1")
+    check_seed(cfg.seed)
     for option, values in (("--strengths", cfg.strengths), ("--inpaint-strengths", cfg.inpaint_strengths)):
         for s in values:
             if not 0 < s <= 1:
                 raise AugmentError(f"{option}: {s} is not in (0, 1]")
             if int(cfg.steps * s) < 1:  # diffusers runs int(steps * strength) denoising steps
                 raise AugmentError(f"{option}: strength {s} with --steps {cfg.steps} leaves no denoising step; "
-                                   f"use at least {int(np.ceil(1 / s))} steps")
+                                   f"use at least {math.ceil(1 / s)} steps")
 
 
 def read_sources(source: str | Path, include_fakes: bool = False, limit: int | None = None) -> pd.DataFrame:
     """The source images: the real rows (``target`` 0) of a labels CSV, or every image of a folder."""
+    import pandas as pd
+
+    from core.image_lists import read_image_list
+
     df = read_image_list(source)
     if "target" in df and not include_fakes:
         df = df[pd.to_numeric(df["target"], errors="coerce") == 0]
@@ -174,39 +169,26 @@ def output_stem(img_name: str) -> str:
     return Path(img_name).with_suffix("").as_posix().replace("/", "__")
 
 
-def job_seed(base_seed: int, name: str) -> int:
-    """A per-image seed from the run's seed and the output name: stable whatever else is generated."""
-    return int(hashlib.md5(f"{base_seed}:{name}".encode()).hexdigest()[:8], 16)
-
-
-def plan_jobs(sources: pd.DataFrame, cfg: AugmentConfig) -> list[Job]:
+def plan_jobs(sources: pd.DataFrame, cfg: AugmentConfig) -> list[SDJob]:
     """Every output of the run, grouped by (mode, strength) so that each group can be batched."""
     variants: list[tuple[str, float, str]] = []
     if "img2img" in cfg.modes:
         variants += [("img2img", s, "") for s in cfg.strengths]
     if "inpaint" in cfg.modes:
         variants += [("inpaint", s, k) for s in cfg.inpaint_strengths for k in cfg.masks]
-    stems = sources["img_name"].map(output_stem)
-    if stems.duplicated().any():
-        clash = stems[stems.duplicated()].iloc[0]
-        raise AugmentError(f"two source images map to the output name {clash!r} (same name, other extension?)")
+    rows = [(output_stem(row["img_name"]), row) for _, row in sources.iterrows()]
     jobs = []
     for mode, strength, mask in variants:
-        for stem, (_, row) in zip(stems, sources.iterrows()):
+        for stem, row in rows:
             name = f"{stem}__{mode}-s{strength:.2f}" + (f"-{mask}" if mask else "")
-            jobs.append(Job(name, row["img_name"], row["path"], str(row["group"]), mode, strength, mask,
-                            job_seed(cfg.seed, name)))
-    return jobs
+            jobs.append(SDJob(name=name, origin=row["img_name"], path=row["path"], group=str(row["group"]),
+                              seed=job_seed(cfg.seed, name), mode=mode, strength=strength, mask_kind=mask))
+    return check_unique(jobs)
 
 
-def is_done(out_dir: Path, name: str) -> bool:
-    """An output counts once its metadata (written last) and its image both exist."""
-    return (out_dir / "meta" / f"{name}.json").is_file() and (out_dir / "images" / f"{name}.png").is_file()
-
-
-def batches(jobs: Sequence[Job], size: int) -> Iterator[list[Job]]:
+def batches(jobs: Sequence[SDJob], size: int) -> Iterator[list[SDJob]]:
     """Consecutive runs of jobs with one mode and strength (one pipeline call each), at most ``size`` long."""
-    batch: list[Job] = []
+    batch: list[SDJob] = []
     for job in jobs:
         if batch and (len(batch) == size or (job.mode, job.strength) != (batch[0].mode, batch[0].strength)):
             yield batch
@@ -222,7 +204,24 @@ def batches(jobs: Sequence[Job], size: int) -> Iterator[list[Job]]:
 
 def prepare_image(path: str, size: int) -> np.ndarray:
     """The source as a ``[size, size, 3]`` uint8 square: shorter side resized, centre crop (as evaluation)."""
+    from core.images import load_image
+    from core.transforms import eval_transform
+
     return eval_transform(size)(image=load_image(path))["image"]
+
+
+def has_detector() -> bool:
+    """Whether the face detector (``core.faces``, YuNet via ``yuface``) can run here."""
+    from core.faces import has_detector as detector_available
+
+    return detector_available()
+
+
+def largest_face(image: np.ndarray) -> Face | None:
+    """The largest face :mod:`core.faces` finds in an RGB image, or None."""
+    from core.faces import largest_face as find_largest
+
+    return find_largest(image)
 
 
 def ellipse_mask(size: int, cx: float, cy: float, ax: float, ay: float) -> np.ndarray:
@@ -252,6 +251,8 @@ def make_mask(image: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, str]
 
 def paste_back(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Original pixels outside the mask, generated inside, blended over a few pixels at the edge."""
+    import cv2
+
     sigma = max(1.0, mask.shape[0] / 128)
     alpha = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), sigma)[..., None]
     return np.clip(original * (1 - alpha) + generated * alpha + 0.5, 0, 255).astype(np.uint8)
@@ -262,6 +263,8 @@ def paste_back(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) ->
 
 
 def _device(name: str) -> torch.device:
+    from core.device import DeviceError, resolve_device
+
     try:
         return resolve_device(name)
     except DeviceError as e:
@@ -274,6 +277,7 @@ def load_pipelines(cfg: AugmentConfig, device: torch.device) -> dict[str, Any]:
     Inpainting shares the img2img pipeline's components (``from_pipe``: no second copy in memory) unless
     ``cfg.inpaint_model`` names a dedicated inpainting checkpoint (a UNet with 9 input channels).
     """
+    import torch
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
     kwargs: dict[str, Any] = {"torch_dtype": torch.float16 if device.type == "cuda" else torch.float32}
@@ -311,13 +315,16 @@ def _from_pretrained(auto_cls: Any, model: str, kwargs: dict[str, Any], device: 
         raise AugmentError(f"--model {model}: cannot load a diffusers pipeline ({str(e).splitlines()[0]})") from None
 
 
-def generate(pipe: Any, jobs: Sequence[Job], images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None],
+def generate(pipe: Any, jobs: Sequence[SDJob], images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None],
              cfg: AugmentConfig) -> tuple[list[np.ndarray], list[bool]]:
     """One pipeline call for a batch of one mode and strength: ``([size, size, 3] uint8 images, blocked)``.
 
     Each image has its own seeded CPU generator, so its result does not depend on the rest of the batch's
     noise, and a seed reproduces the same starting noise on any device.
     """
+    import torch
+    from PIL import Image
+
     n = len(jobs)
     kwargs: dict[str, Any] = dict(
         prompt=[cfg.prompt] * n, negative_prompt=[cfg.negative_prompt] * n if cfg.negative_prompt else None,
@@ -337,61 +344,28 @@ def generate(pipe: Any, jobs: Sequence[Job], images: Sequence[np.ndarray], masks
 # Writing
 
 
-def model_of(job: Job, cfg: AugmentConfig) -> str:
+def model_of(job: SDJob, cfg: AugmentConfig) -> str:
     return (cfg.inpaint_model or cfg.model) if job.mode == "inpaint" else cfg.model
 
 
-def metadata(job: Job, cfg: AugmentConfig, pipe: Any, out_dir: Path, mask_kind: str) -> dict[str, Any]:
+def metadata(job: SDJob, cfg: AugmentConfig, pipe: Any, out_dir: Path, mask_kind: str) -> dict[str, Any]:
     """The labels row of one output: its label, group, and everything needed to generate it again."""
     return {
-        "img_name": f"images/{job.name}.png", "target": 1, "group": job.group, "source": f"sd-{job.mode}",
+        "img_name": image_name(job.name), "target": 1, "group": job.group, "source": f"sd-{job.mode}",
         "prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt, "seed": job.seed, "steps": cfg.steps,
         "guidance": cfg.guidance, "strength": job.strength, "model": model_of(job, cfg),
         "origin": os.path.relpath(job.path, out_dir.resolve()),
-        "mode": job.mode, "mask": f"masks/{job.name}.png" if job.mode == "inpaint" else "",
+        "mode": job.mode, "mask": mask_name(job.name) if job.mode == "inpaint" else "",
         "mask_kind": mask_kind, "paste_back": bool(cfg.paste_back and job.mode == "inpaint"), "size": cfg.size,
         "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
         "dtype": str(pipe.dtype).replace("torch.", ""), "origin_name": job.origin,
     }
 
 
-def save_output(out_dir: Path, job: Job, image: np.ndarray, mask: np.ndarray | None, meta: dict[str, Any]) -> None:
-    """Mask, then image, then metadata, each atomically: the metadata marks the output as done."""
-    if mask is not None:
-        _write_png(mask, out_dir / "masks" / f"{job.name}.png")
-    _write_png(image, out_dir / "images" / f"{job.name}.png")
-    atomic_write(out_dir / "meta" / f"{job.name}.json", json.dumps(meta, indent=1))
-
-
-def write_labels(out_dir: str | Path) -> Path:
-    """Rebuild ``labels.csv`` (atomically) from every output whose metadata and image exist."""
-    out_dir = Path(out_dir)
-    rows = []
-    for meta_path in sorted((out_dir / "meta").glob("*.json")):
-        try:
-            row = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            warnings.warn(f"{meta_path}: unreadable metadata, left out of labels.csv ({e})", stacklevel=2)
-            continue
-        if (out_dir / row["img_name"]).is_file():
-            rows.append(row)
-    df = pd.DataFrame(rows)
-    df = df.reindex(columns=LABEL_COLUMNS + [c for c in df.columns if c not in LABEL_COLUMNS])
-    with atomic_output(out_dir / "labels.csv") as tmp:
-        df.to_csv(tmp, index=False)
-    return out_dir / "labels.csv"
-
-
-def _write_png(image_rgb: np.ndarray, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        Image.fromarray(image_rgb).save(tmp, format="PNG")
-
-
-def _differs(out_dir: Path, job: Job, cfg: AugmentConfig) -> bool:
+def _differs(out: OutputFolder, job: SDJob, cfg: AugmentConfig) -> bool:
     """Whether an existing output was made with other settings than this run's."""
-    try:
-        old = json.loads((out_dir / "meta" / f"{job.name}.json").read_text())
-    except (OSError, ValueError):
+    old = out.record(job.name)
+    if old is None:
         return False
     now = {**{k: v for k, v in asdict(cfg).items() if k in SETTINGS_KEYS}, "model": model_of(job, cfg)}
     return any(old.get(k) != now[k] for k in SETTINGS_KEYS)
@@ -408,57 +382,62 @@ def augment(source: str | Path, out_dir: str | Path, cfg: AugmentConfig, pipes: 
     ``pipes`` (``{mode: pipeline}``) skips loading, for callers that already hold pipelines.
     """
     check_config(cfg)
-    out_dir = Path(out_dir)
+    out = OutputFolder(out_dir)
     start, summary = time.perf_counter(), Summary()
     jobs = plan_jobs(read_sources(source, cfg.include_fakes, cfg.limit), cfg)
-    todo = [j for j in jobs if not is_done(out_dir, j.name)]
-    summary.skipped = len(jobs) - len(todo)
-    summary.mixed_settings = sum(_differs(out_dir, j, cfg) for j in jobs if is_done(out_dir, j.name))
+    todo, done = out.split_done(jobs)
+    summary.skipped = len(done)
+    summary.mixed_settings = sum(_differs(out, j, cfg) for j in done)
     try:
         if todo:
             if pipes is None:
                 pipes = load_pipelines(cfg, _device(cfg.device))
-            _run_jobs(todo, pipes, out_dir, cfg, summary, len(jobs), progress)
+            _run_jobs(todo, pipes, out, cfg, summary, len(jobs), progress)
     finally:  # an interrupted run still leaves labels.csv listing everything written so far
-        out_dir.mkdir(parents=True, exist_ok=True)
-        summary.labels = write_labels(out_dir)
+        summary.labels = out.write_labels(LABEL_COLUMNS, extra_columns=True)
         summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _run_jobs(todo: list[Job], pipes: dict[str, Any], out_dir: Path, cfg: AugmentConfig, summary: Summary,
+def _run_jobs(todo: list[SDJob], pipes: dict[str, Any], out: OutputFolder, cfg: AugmentConfig, summary: Summary,
               total: int, progress: bool) -> None:
-    bar = tqdm(total=total, initial=total - len(todo), desc="sd-augment", unit="img", disable=not progress)
-    for batch in batches(todo, cfg.batch_size):
-        jobs, images, masks, kinds = [], [], [], []
-        for job in batch:
-            try:
-                image = prepare_image(job.path, cfg.size)
-            except ImageLoadError as e:
-                summary.failed.append(str(e))
-                tqdm.write(f"error: {e}", file=sys.stderr)
-                bar.update(1)
-                continue
-            mask, kind = make_mask(image, job.mask_kind, job.seed) if job.mode == "inpaint" else (None, "")
-            jobs.append(job)
-            images.append(image)
-            masks.append(mask)
-            kinds.append(kind)
-        if not jobs:
+    with progress_bar(total=total, initial=total - len(todo), desc="sd-augment", enabled=progress) as bar:
+        for batch in batches(todo, cfg.batch_size):
+            _run_batch(batch, pipes, out, cfg, summary)
+            bar.update(len(batch))
+
+
+def _run_batch(batch: list[SDJob], pipes: dict[str, Any], out: OutputFolder, cfg: AugmentConfig,
+               summary: Summary) -> None:
+    """Prepare, generate and write one batch (one mode and strength)."""
+    from core.images import ImageLoadError
+
+    jobs, images, masks, kinds = [], [], [], []
+    for job in batch:
+        try:
+            image = prepare_image(job.path, cfg.size)
+        except ImageLoadError as e:
+            summary.failed.append(str(e))
+            write_line(f"error: {e}")
             continue
-        pipe = pipes[jobs[0].mode]
-        outputs, blocked = generate(pipe, jobs, images, masks, cfg)
-        for job, image, result, mask, kind, bad in zip(jobs, images, outputs, masks, kinds, blocked):
-            if bad:
-                summary.blocked += 1
-                tqdm.write(f"blocked by the safety checker, not written: {job.name}", file=sys.stderr)
-                continue
-            if mask is not None and cfg.paste_back:
-                result = paste_back(image, result, mask)
-            save_output(out_dir, job, result, mask, metadata(job, cfg, pipe, out_dir, kind))
-            summary.written += 1
-        bar.update(len(jobs))
-    bar.close()
+        mask, kind = make_mask(image, job.mask_kind, job.seed) if job.mode == "inpaint" else (None, "")
+        jobs.append(job)
+        images.append(image)
+        masks.append(mask)
+        kinds.append(kind)
+    if not jobs:
+        return
+    pipe = pipes[jobs[0].mode]
+    outputs, blocked = generate(pipe, jobs, images, masks, cfg)
+    for job, image, result, mask, kind, bad in zip(jobs, images, outputs, masks, kinds, blocked):
+        if bad:
+            summary.blocked += 1
+            write_line(f"blocked by the safety checker, not written: {job.name}")
+            continue
+        if mask is not None and cfg.paste_back:
+            result = paste_back(image, result, mask)
+        out.save(job.name, metadata(job, cfg, pipe, out.root, kind), result, mask)
+        summary.written += 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -483,22 +462,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) "
                    "or a folder saved with save_pretrained")
     p.add_argument("--out", required=True, help="output folder; re-running with it resumes")
-    p.add_argument("--mode", type=_words, default=d.modes, help="img2img, inpaint or both (default: both)")
-    p.add_argument("--strengths", type=_floats, default=d.strengths, help="img2img strengths (default: 0.3,0.5,0.7)")
+    p.add_argument("--mode", type=_words, default=d.modes,
+                   help=f"img2img, inpaint or both (default: {','.join(d.modes)})")
+    p.add_argument("--strengths", type=_floats, default=d.strengths,
+                   help=f"img2img strengths (default: {','.join(map(str, d.strengths))})")
     p.add_argument("--inpaint-strengths", type=_floats, default=d.inpaint_strengths,
                    help="inpainting strengths (default: 1.0, the region starts from pure noise)")
-    p.add_argument("--masks", type=_words, default=d.masks, help="inpainting masks: face, ellipse, box (default: face)")
+    p.add_argument("--masks", type=_words, default=d.masks,
+                   help=f"inpainting masks: {', '.join(MASK_KINDS)} (default: {','.join(d.masks)})")
     p.add_argument("--inpaint-model", help="a dedicated inpainting checkpoint (default: reuse --model)")
     p.add_argument("--prompt", default=d.prompt, help="(default: %(default)r)")
     p.add_argument("--negative-prompt", default=d.negative_prompt, help="'' for none (default: %(default)r)")
     p.add_argument("--steps", type=int, default=d.steps, help="inference steps at strength 1 (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="base seed; each image's seed is derived from it")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per pipeline call (default: 4)")
+    p.add_argument("--seed", type=int, default=d.seed, help="run seed; each image's seed is derived from it and "
+                   "the image's name (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per pipeline call (default: %(default)s)")
     p.add_argument("--size", type=int, default=d.size, help="square side, a multiple of 8 (default: %(default)s; "
                    "1024 for SDXL)")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--limit", type=int, help="use only the first N source images")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default: %(default)s, the GPU "
+                   "if any)")
+    p.add_argument("--limit", type=int, help="use only the first N source images (default: all)")
     p.add_argument("--include-fakes", action="store_true", help="start from every row, not only target 0")
     p.add_argument("--paste-back", action="store_true", help="inpainting: keep the original pixels outside the mask")
     p.add_argument("--variant", help="hub weight variant to download, e.g. fp16")
@@ -511,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from core.labels import LabelsError
+
     cfg = AugmentConfig(
         model=args.model, modes=args.mode, strengths=args.strengths, inpaint_strengths=args.inpaint_strengths,
         masks=args.masks, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,

@@ -125,3 +125,20 @@ def test_augment_cli_from_the_repo_root(tmp_path):
     assert set(fakes["edit"]) == {"splice", "copy_move"}
     reals = labels[labels["target"] == 0]
     assert sorted(reals["group"]) == sorted(fakes["group"])
+
+
+def test_the_cli_knows_every_edit_without_importing_them():
+    from data_prep.augment_edits import EDIT_NAMES
+
+    assert EDIT_NAMES == tuple(EDITS)
+
+
+def test_cli_refuses_bad_options_with_exit_status_2(tmp_path, capsys):
+    from data_prep.augment_edits import main
+
+    csv = write_reals(tmp_path / "set", n=2)
+    assert main([str(csv), "--out", str(tmp_path / "o"), "--edits", "deepfake", "--quiet"]) == 2
+    assert "error: --edits: unknown edit" in capsys.readouterr().err
+    assert main([str(csv), "--out", str(tmp_path / "o"), "--val-fraction", "1.5", "--quiet"]) == 2
+    assert main([str(tmp_path / "none.csv"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert not (tmp_path / "o").exists()

@@ -126,3 +126,20 @@ def test_a_submission_is_readable_by_others_under_a_usual_umask(tiny_weights, im
                 "--quiet"])
     os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644 and len(pd.read_csv(out)) == 1
+
+
+def test_threads_option_and_default_leave_a_core_to_each_loader_worker(tiny_weights, image_folder, monkeypatch):
+    from core import device
+
+    monkeypatch.setattr(device, "cpu_count", lambda: 4)
+    assert [device.default_threads(w) for w in (0, 1, 3, 8)] == [4, 3, 1, 1]
+    before = torch.get_num_threads()
+    try:
+        assert infer.main([str(image_folder / "images" / "000.jpg"), "--weights", str(tiny_weights), "--quiet",
+                           "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        infer.main([str(image_folder / "images" / "000.jpg"), "--weights", str(tiny_weights), "--quiet",
+                    "--workers", "1"])
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -113,3 +113,38 @@ def test_help_works_from_anywhere_and_imports_no_torch(command, tmp_path):
     assert last.startswith("RESULT 0 "), last
     assert last == "RESULT 0 -", f"{command} --help imports {last.split()[-1]}"
     assert "(default: None)" not in result.stdout
+
+
+def test_no_function_but_main_takes_an_argparse_namespace():
+    """Library functions take typed arguments; argparse stays in ``main()`` (and the parser builders)."""
+    offenders = []
+    for path in SOURCES:
+        for func in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)):
+            if func.name == "main":
+                continue
+            for arg in func.args.args + func.args.kwonlyargs:
+                if arg.annotation is not None and "Namespace" in ast.unparse(arg.annotation):
+                    offenders.append(f"{_rel(path)}:{func.name}")
+    assert not offenders
+
+
+def test_progress_bars_only_through_core_progress():
+    """tqdm draws into redirected logs; core.progress draws only on a terminal."""
+    offenders = [_rel(p) for p in SOURCES if _rel(p) != "core/progress.py"
+                 and any(n.split(".")[0] == "tqdm" for n in _imports(ast.parse(p.read_text())))]
+    assert not offenders
+
+
+def test_the_package_installs_every_stage_and_its_commands_resolve():
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = set(project["tool"]["setuptools"]["packages"])
+    on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert on_disk - {"tests"} <= packages and set(STAGES) - {"infer"} <= packages
+    for name, target in project["project"]["scripts"].items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
+    requirements = (ROOT / "requirements.txt").read_text().splitlines()
+    assert "torch==2.14.1" in requirements and "torchvision==0.29.1" in requirements and "-e ." in requirements
