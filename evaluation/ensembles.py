@@ -24,20 +24,27 @@ from __future__ import annotations
 import argparse
 import sys
 from itertools import combinations
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
 
-from evaluation.metrics import detection_metrics
-from evaluation.validate import (add_fold_argument, add_set_arguments, combine_scored, evaluation_sets, fold_sets,
-                                 report_sets, score_labelled, score_out_of_fold)
-from experts import Ensemble, load_ensemble
+from core.protocol import DEFAULT_DEVICE, VALIDATION_JPEG_QUALITY
+from evaluation.heldout import EvaluationSetError
+from evaluation.validate import (SetChoice, add_fold_argument, add_set_arguments, combine_scored, evaluation_sets,
+                                 fold_sets, protocol_settings, report_sets, score_labelled, score_out_of_fold)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from experts import Ensemble
 
 REPORT_ONLY = "report only, not used for the choice"
 
 
 def subset_table(targets: dict[str, np.ndarray], probs: dict[str, np.ndarray], names: list[str],
-                 weights: np.ndarray | None = None, sort: bool = True) -> pd.DataFrame:
+                 weights: np.ndarray | None = None, sort: bool = True) -> "pd.DataFrame":
     """AUC and TPR@FPR=1e-3 of every subset's average on every set, sorted by mean AUC (best first).
 
     Args:
@@ -50,6 +57,10 @@ def subset_table(targets: dict[str, np.ndarray], probs: dict[str, np.ndarray], n
             (a subset of zero-weight experts alone is a plain mean).
         sort: Sort by mean AUC (NaN last); else keep the order of the subsets (by size, then by name order).
     """
+    import pandas as pd
+
+    from evaluation.metrics import detection_metrics
+
     w = np.ones(len(names)) if weights is None else np.asarray(weights, float)
     rows = []
     for k in range(1, len(names) + 1):
@@ -70,73 +81,99 @@ def subset_table(targets: dict[str, np.ndarray], probs: dict[str, np.ndarray], n
     return table.reset_index(drop=True)
 
 
-def choose_subset(table: pd.DataFrame) -> str | None:
+def choose_subset(table: "pd.DataFrame") -> str | None:
     """The experts (``"a + b"``) of the best row of a sorted :func:`subset_table` with a mean AUC; ``None``
     when no subset has one (no subset scores every set)."""
     measured = table[np.isfinite(table["mean AUC"].to_numpy(dtype=float))]
     return None if measured.empty else str(measured["experts"].iloc[0])
 
 
-def choose_on_folds(args: argparse.Namespace, ensemble: Ensemble, weights: np.ndarray) -> str | None:
-    """``--folds``: the subset table of the out-of-fold validation rows, the choice, then the test report."""
-    sets, scorers = fold_sets(args.weights, ensemble.names, args.splits)
-    targets, probs = score_out_of_fold(ensemble, sets, scorers, args.jpeg_quality, args.batch_size, args.workers,
-                                       args.device)
+def choose_on_folds(weights_dir: str | Path, choice: SetChoice, ensemble: "Ensemble", weights: np.ndarray,
+                    jpeg_quality: int = VALIDATION_JPEG_QUALITY, batch_size: int = 32, workers: int = 0,
+                    device: "str | torch.device" = DEFAULT_DEVICE) -> str | None:
+    """``--folds``: the subset table of the out-of-fold validation rows, the choice, then the test report
+    (on the sets of ``choice``, else the run's test clusters)."""
+    sets, scorers = fold_sets(weights_dir, ensemble.names, choice.splits)
+    targets, probs = score_out_of_fold(ensemble, sets, scorers, jpeg_quality, batch_size, workers, device)
     for name in sets:
         print(f"{name}: {len(targets[name])} images ({int(targets[name].sum())} fake), out-of-fold validation, "
               f"scored by {', '.join(scorers[name])}")
     table = subset_table(targets, probs, ensemble.names, weights)
-    print(f"\nevery subset of {args.weights} on the out-of-fold validation rows (a subset counts on a fold "
-          f"through its members validated there; no mean AUC: some fold has none), JPEG {args.jpeg_quality}\n")
+    print(f"\nevery subset of {weights_dir} on the out-of-fold validation rows (a subset counts on a fold "
+          f"through its members validated there; no mean AUC: some fold has none), JPEG {jpeg_quality}\n")
     print(table.to_markdown(index=False, floatfmt=".4f"))
     chosen = choose_subset(table)
     if chosen is None:
         print("\nno subset has an expert validated on every fold: nothing can be chosen on validation data")
         return None
     keep = chosen.split(" + ")
-    print(f"\nchosen on the validation folds: {chosen}  (python train/merge.py {args.weights} --keep "
+    print(f"\nchosen on the validation folds: {chosen}  (python train/merge.py {weights_dir} --keep "
           f"{' '.join(keep)} --out weights)")
-    report_test_sets(args, ensemble, weights, [chosen, " + ".join(ensemble.names)])
+    report_test_sets(weights_dir, choice, ensemble, weights, [chosen, " + ".join(ensemble.names)], jpeg_quality,
+                     batch_size, workers, device)
     return chosen
 
 
-def report_test_sets(args: argparse.Namespace, ensemble: Ensemble, weights: np.ndarray, subsets: list[str]) -> None:
+def report_test_sets(weights_dir: str | Path, choice: SetChoice, ensemble: "Ensemble", weights: np.ndarray,
+                     subsets: list[str], jpeg_quality: int = VALIDATION_JPEG_QUALITY, batch_size: int = 32,
+                     workers: int = 0, device: "str | torch.device" = DEFAULT_DEVICE) -> None:
     """The chosen subset and the whole ensemble on the test sets, printed as a report that chooses nothing."""
-    sets = report_sets(args)
+    sets = report_sets(weights_dir, choice)
     if not sets:
         return
     targets, probs = {}, {}
     for name, df in sets.items():
-        targets[name], probs[name] = score_labelled(ensemble, df, args.jpeg_quality, args.batch_size, args.workers,
-                                                    args.device)
+        targets[name], probs[name] = score_labelled(ensemble, df, jpeg_quality, batch_size, workers, device)
     table = subset_table(targets, probs, ensemble.names, weights, sort=False).set_index("experts")
     rows = table.loc[list(dict.fromkeys(subsets))].reset_index()
     print(f"\ntest sets ({REPORT_ONLY}): {', '.join(f'{n} ({len(targets[n])} images)' for n in sets)}\n")
     print(rows.to_markdown(index=False, floatfmt=".4f"))
 
 
-def main(argv: list[str] | None = None) -> None:
+def every_subset(ensemble: "Ensemble", sets: dict[str, "pd.DataFrame"], weights: np.ndarray,
+                 jpeg_quality: int = VALIDATION_JPEG_QUALITY, batch_size: int = 32, workers: int = 0,
+                 device: "str | torch.device" = DEFAULT_DEVICE) -> "pd.DataFrame":
+    """Without ``--folds``: every subset measured on the sets given (a report, not a choice), printed."""
+    targets, probs = {}, {}
+    for set_name, df in sets.items():
+        targets[set_name], probs[set_name] = score_labelled(ensemble, df, jpeg_quality, batch_size, workers, device)
+        print(f"{set_name}: {len(targets[set_name])} images ({int(targets[set_name].sum())} fake)")
+    return subset_table(targets, probs, ensemble.names, weights)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_set_arguments(p)
     add_fold_argument(p)
     args = p.parse_args(argv)
-    ensemble = load_ensemble(args.weights, args.device)
-    weights = ensemble.weights.cpu().numpy()
-    if args.folds:
-        choose_on_folds(args, ensemble, weights)
-        return
-    targets, probs = {}, {}
-    for set_name, df in evaluation_sets(args).items():
-        targets[set_name], probs[set_name] = score_labelled(ensemble, df, args.jpeg_quality, args.batch_size,
-                                                            args.workers, args.device)
-        print(f"{set_name}: {len(targets[set_name])} images ({int(targets[set_name].sum())} fake)")
-    table = subset_table(targets, probs, ensemble.names, weights)
-    print(f"\nevery subset of {args.weights} (average of its experts' probabilities), JPEG {args.jpeg_quality}\n")
+
+    from core.device import DeviceError, resolve_device
+    from core.labels import LabelsError
+    from experts import WeightsError, load_ensemble, read_manifest
+
+    try:
+        jpeg_quality, val_fraction = protocol_settings(read_manifest(args.weights), args.jpeg_quality,
+                                                       args.val_fraction)
+        choice = SetChoice(tuple(args.csvs), args.splits, tuple(args.clusters), args.whole, val_fraction)
+        sets = None if args.folds else evaluation_sets(choice)
+        device = resolve_device(args.device)
+        ensemble = load_ensemble(args.weights, device)
+        weights = ensemble.weights.cpu().numpy()
+        scoring = dict(jpeg_quality=jpeg_quality, batch_size=args.batch_size, workers=args.workers, device=device)
+        if args.folds:
+            choose_on_folds(args.weights, choice, ensemble, weights, **scoring)
+            return 0
+        table = every_subset(ensemble, sets, weights, **scoring)
+    except (EvaluationSetError, LabelsError, WeightsError, DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nevery subset of {args.weights} (average of its experts' probabilities), JPEG {jpeg_quality}\n")
     print(table.to_markdown(index=False, floatfmt=".4f"))
     if args.clusters:
         print("\nnote: held-out clusters measure the ensemble; to choose which experts ship without spending "
               "them, use --folds (the choice on validation folds, these clusters then as the report)", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

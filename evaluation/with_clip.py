@@ -25,20 +25,19 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
-import torch
 
+from core.protocol import DEFAULT_DEVICE, THRESHOLD_FPR
 from evaluation.metrics import detection_metrics
-from evaluation.threshold import choose_threshold
-from evaluation.validate import score_labelled
-from experts import load_ensemble, read_manifest, scores_fingerprint
-from experts.weights import set_threshold
-from train.heads import (HeadSpec, balanced_weights, build_expert, cached_features, cluster_of_rows, fit_head,
-                         predict)
-from train.token_cache import load_cache
+from evaluation.validate import DEFAULT_WEIGHTS, score_labelled
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from train.heads import HeadSpec
 
 CLIP = "clip"
 
@@ -57,10 +56,12 @@ def eligible_experts(manifest: dict, set_name: str, cluster: int | None) -> list
     return [k for k in keys if k in (validated or [])]
 
 
-def clip_probs(rows: pd.DataFrame, features: torch.Tensor, meta: dict, spec: HeadSpec, held: np.ndarray,
+def clip_probs(rows: "pd.DataFrame", features: "torch.Tensor", meta: dict, spec: "HeadSpec", held: np.ndarray,
                excluded: np.ndarray) -> np.ndarray:
     """Fake probabilities of the ``held`` rows from a CLIP head trained on the other usable, non-excluded rows
     (``features``: :func:`train.heads.cached_features` of every cached row, computed once by the caller)."""
+    from train.heads import balanced_weights, build_expert, fit_head, predict
+
     ok, targets = rows["ok"].to_numpy().copy(), rows["target"].to_numpy()
     train = ok & ~held & ~excluded
     expert = fit_head(build_expert(meta, spec, with_base=False), features[train], targets[train],
@@ -68,20 +69,24 @@ def clip_probs(rows: pd.DataFrame, features: torch.Tensor, meta: dict, spec: Hea
     return predict(expert, features[held])
 
 
-def trained_expert_probs(ensemble, rows: pd.DataFrame, jpeg_quality: int, workers: int, cache: Path | None,
-                         manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+def trained_expert_probs(ensemble, rows: "pd.DataFrame", jpeg_quality: int, workers: int, cache: Path | None,
+                         manifest: dict, device: "str | torch.device" = DEFAULT_DEVICE
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`score_labelled` of the weights' experts, kept in ``cache`` (keyed by the experts' fingerprint
     and the images) so that comparing several CLIP heads scores the trained experts once."""
+    from core.files import atomic_output
+    from experts import scores_fingerprint
+
     if cache is None:
-        return score_labelled(ensemble, rows, jpeg_quality, workers=workers)
+        return score_labelled(ensemble, rows, jpeg_quality, workers=workers, device=device)
     key = hashlib.sha256(json.dumps([scores_fingerprint(manifest), jpeg_quality, rows["path"].tolist()]).encode())
     path = cache / f"{key.hexdigest()[:20]}.npz"
     if path.is_file():
         saved = np.load(path)
         return saved["targets"], saved["probs"]
-    targets, probs = score_labelled(ensemble, rows, jpeg_quality, workers=workers)
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, targets=targets, probs=probs)
+    targets, probs = score_labelled(ensemble, rows, jpeg_quality, workers=workers, device=device)
+    with atomic_output(path) as tmp:  # a killed run leaves no half-written cache entry
+        np.savez(tmp, targets=targets, probs=probs)
     return targets, probs
 
 
@@ -108,42 +113,43 @@ def candidate_table(targets: np.ndarray, probs: dict[str, np.ndarray], eligible:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", type=Path, default=Path("weights"))
-    p.add_argument("--cache", type=Path, required=True, help="token cache of train/token_cache.py")
-    p.add_argument("--splits", type=Path, required=True, help="the splits.csv the weights were trained on")
-    p.add_argument("--val-clusters", type=int, nargs="*", default=[])
-    p.add_argument("--val-sets", nargs="*", default=[], help="labelled sets (cache 'set' names) the weights never saw")
-    p.add_argument("--test-clusters", type=int, nargs="+", required=True)
-    p.add_argument("--layers", type=int, nargs="+", default=[12])
-    p.add_argument("--head", choices=("linear", "lib"), default="linear")
-    p.add_argument("--fpr", type=float, default=0.05, help="threshold: share of validation reals called fake")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--val-limit", type=int, default=0, help="score at most this many images of each validation set")
-    p.add_argument("--threshold-into", type=Path, help="write the chosen threshold into this weights folder's manifest")
-    p.add_argument("--probs-cache", type=Path, help="keep the trained experts' scores here between runs")
-    args = p.parse_args(argv)
+def compare(weights: str | Path, cache: str | Path, splits: str | Path, test_clusters: Sequence[int], *,
+            val_clusters: Sequence[int] = (), val_sets: Sequence[str] = (), layers: Sequence[int] = (12,),
+            head: str = "linear", fpr: float = THRESHOLD_FPR, workers: int = 1, val_limit: int = 0,
+            threshold_into: str | Path | None = None, probs_cache: Path | None = None,
+            device: "str | torch.device" = DEFAULT_DEVICE, command: str = "") -> dict[str, dict]:
+    """Score every set with the candidates, choose on the validation sets, report the test clusters; with
+    ``threshold_into``, write the winner's threshold into that folder's manifest (and nowhere else).
+    Returns the results per set."""
+    from core.device import resolve_device
+    from evaluation.threshold import ThresholdError, choose_threshold
+    from experts import load_ensemble, read_manifest
+    from experts.weights import set_threshold
+    from train.heads import HeadSpec, cached_features, cluster_of_rows
+    from train.token_cache import load_cache
 
-    rows, tokens, meta = load_cache(args.cache)
-    cluster = cluster_of_rows(rows, args.splits)
-    test_mask = np.isin(cluster, args.test_clusters)
-    sets = {f"cluster {c}": (cluster == c, c, "val") for c in args.val_clusters}
-    sets |= {f"set {s}": ((rows["set"] == s).to_numpy() & ~test_mask, None, "val") for s in args.val_sets}
-    sets |= {f"cluster {c}": (cluster == c, c, "test") for c in args.test_clusters}
-    spec = HeadSpec(layers=args.layers, head=args.head)
+    if not 0.0 < fpr < 1.0:
+        raise ThresholdError(f"--fpr must lie strictly between 0 and 1, got {fpr:g}")
+    rows, tokens, meta = load_cache(cache)
+    cluster = cluster_of_rows(rows, splits)
+    test_mask = np.isin(cluster, list(test_clusters))
+    sets = {f"cluster {c}": (cluster == c, c, "val") for c in val_clusters}
+    sets |= {f"set {s}": ((rows["set"] == s).to_numpy() & ~test_mask, None, "val") for s in val_sets}
+    sets |= {f"cluster {c}": (cluster == c, c, "test") for c in test_clusters}
+    spec = HeadSpec(layers=list(layers), head=head)
     features = cached_features(tokens, meta, spec)  # once: every set's head trains on rows of it
-    ensemble = load_ensemble(args.weights)
-    manifest = read_manifest(args.weights)
+    manifest = read_manifest(weights)
+    device = resolve_device(device)
+    ensemble = load_ensemble(weights, device)
 
     results: dict[str, dict] = {}
     for name, (mask, c, part) in sets.items():
         held = mask & rows["ok"].to_numpy()
-        if part == "val" and args.val_limit and held.sum() > args.val_limit:  # a seeded sample, for speed
-            keep = np.random.default_rng(0).choice(np.flatnonzero(held), args.val_limit, replace=False)
+        if part == "val" and val_limit and held.sum() > val_limit:  # a seeded sample, for speed
+            keep = np.random.default_rng(0).choice(np.flatnonzero(held), val_limit, replace=False)
             held = np.isin(np.arange(len(rows)), keep)
-        targets, trained = trained_expert_probs(ensemble, rows[held], meta["jpeg_quality"], args.workers,
-                                                args.probs_cache, manifest)
+        targets, trained = trained_expert_probs(ensemble, rows[held], meta["jpeg_quality"], workers, probs_cache,
+                                                manifest, device)
         probs = {k: trained[:, i] for i, k in enumerate(ensemble.names)}
         excluded = test_mask if part == "val" else np.zeros_like(test_mask)
         # The whole set stays out of the head's training, not just the scored sample.
@@ -156,33 +162,83 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     val = [n for n, r in results.items() if r["part"] == "val"]
     if not val:
-        return 0
+        return results
     candidates = ["trained experts", "clip", "trained experts + clip"]
     means = {c: domain_mean({n: results[n]["table"][c]["auc"] for n in val if c in results[n]["table"]},
                             {n: results[n]["domain"] for n in val}) for c in candidates}
     best = max(means, key=means.get)
-    print("validation AUC, mean over labelled sets (each set's folds averaged first): " + ", ".join(f"{c} {m:.4f}" for c, m in means.items()) + f" -> chosen: {best}")
+    print("validation AUC, mean over labelled sets (each set's folds averaged first): "
+          + ", ".join(f"{c} {m:.4f}" for c, m in means.items()) + f" -> chosen: {best}")
     pooled_t = np.concatenate([results[n]["targets"] for n in val])
     pooled_p = np.concatenate([results[n]["table"][best]["probs"] for n in val])
-    threshold = choose_threshold(pooled_t, pooled_p, rule="fpr", target_fpr=args.fpr)
-    print(f"threshold for {best} at validation FPR {args.fpr}: {threshold['value']:.4f} "
+    threshold = choose_threshold(pooled_t, pooled_p, rule="fpr", target_fpr=fpr)
+    print(f"threshold for {best} at validation FPR {fpr}: {threshold['value']:.4f} "
           f"(TPR {threshold['tpr']:.3f}, FPR {threshold['fpr']:.3f} on {len(pooled_t)} validation images)")
-    if args.threshold_into:
+    if threshold_into:
         record = {**{k: v for k, v in threshold.items() if k in ("value", "tpr", "fpr", "n", "n_fake", "n_real")},
-                  "rule": "fpr", "target_fpr": args.fpr, "ensemble": best,
+                  "rule": "fpr", "target_fpr": fpr, "ensemble": best,
                   "set": "pooled out-of-fold validation scores: " + ", ".join(val),
-                  "jpeg_quality": meta["jpeg_quality"],
-                  "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
-        set_threshold(args.threshold_into, record)
-        print(f"wrote the threshold into {args.threshold_into / 'manifest.json'}")
+                  "jpeg_quality": meta["jpeg_quality"], "command": command}
+        set_threshold(threshold_into, record)
+        print(f"wrote the threshold into {Path(threshold_into) / 'manifest.json'}")
+    else:
+        print("not written anywhere (--threshold-into DIR records it in DIR/manifest.json)")
     for n, r in results.items():
         if r["part"] == "test":
             m = r["table"][best]
             called = m["probs"][r["targets"] == 0] >= threshold["value"]
             print(f"test (report only) {n}: {best} AUC {m['auc']:.4f}, TPR@FPR1e-3 {m['tpr@fpr1e-3']:.4f}, "
                   f"reals called fake at the threshold {called.mean():.3f}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, metavar="DIR",
+                   help="the trained ensemble to compare with, only read (default: the shipped weights/)")
+    p.add_argument("--cache", type=Path, required=True, metavar="DIR", help="token cache of train/token_cache.py")
+    p.add_argument("--splits", type=Path, required=True, metavar="FILE",
+                   help="the splits.csv the weights were trained on")
+    p.add_argument("--val-clusters", type=int, nargs="*", default=[], metavar="N",
+                   help="validation clusters of --splits (default: none)")
+    p.add_argument("--val-sets", nargs="*", default=[], metavar="SET",
+                   help="labelled sets (cache 'set' names) the weights never saw (default: none)")
+    p.add_argument("--test-clusters", type=int, nargs="+", required=True, metavar="N",
+                   help="clusters held out of everything, scored for the report only")
+    p.add_argument("--layers", type=int, nargs="+", default=[12], help="CLIP layers the head reads (default: 12)")
+    p.add_argument("--head", choices=("linear", "lib"), default="linear", help="head type (default: linear)")
+    p.add_argument("--fpr", type=float, default=THRESHOLD_FPR,
+                   help=f"threshold: share of validation reals called fake (default: {THRESHOLD_FPR})")
+    p.add_argument("--workers", type=int, default=1, help="image-decoding worker processes (default: 1)")
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help=f"where the trained experts score images: auto | cpu | cuda | cuda:N (default: "
+                        f"{DEFAULT_DEVICE}, the GPU if any)")
+    p.add_argument("--val-limit", type=int, default=0, metavar="N",
+                   help="score at most this many images of each validation set (default: 0, all)")
+    p.add_argument("--threshold-into", type=Path, metavar="DIR",
+                   help="write the chosen threshold into DIR/manifest.json (the only thing this command ever "
+                        "writes into a weights folder; without this option nothing is written)")
+    p.add_argument("--probs-cache", type=Path, metavar="DIR",
+                   help="keep the trained experts' scores here between runs")
+    args = p.parse_args(argv)
+
+    from core.device import DeviceError, resolve_device
+    from core.labels import LabelsError
+    from evaluation.threshold import ThresholdError
+    from experts import WeightsError
+
+    command = shlex.join(["python", "evaluation/with_clip.py", *argv])
+    try:
+        compare(args.weights, args.cache, args.splits, args.test_clusters, val_clusters=args.val_clusters,
+                val_sets=args.val_sets, layers=args.layers, head=args.head, fpr=args.fpr, workers=args.workers,
+                val_limit=args.val_limit, threshold_into=args.threshold_into, probs_cache=args.probs_cache,
+                device=resolve_device(args.device), command=command)
+    except (ThresholdError, LabelsError, WeightsError, DeviceError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -37,3 +37,11 @@ def test_tpr_at_fpr_uses_every_roc_point_with_tied_scores():
     m = detection_metrics(targets, scores)
     assert m["tpr@fpr1e-3"] == 0.6
     assert tpr_at_fpr(targets, scores, max_fpr=2e-3) == 0.7
+
+
+def test_verdict_metrics_call_a_score_at_the_threshold_fake():
+    from evaluation.metrics import verdict_metrics
+
+    m = verdict_metrics([0, 0, 1, 1], [0.2, 0.8, 0.8, 0.9], threshold=0.8)
+    assert (m["acc"], m["tpr"], m["fpr"], m["bacc"]) == (0.75, 1.0, 0.5, 0.75)
+    assert np.isnan(verdict_metrics([1, 1], [0.2, 0.9], 0.5)["fpr"])

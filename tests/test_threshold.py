@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import infer
+from evaluation import threshold
 from evaluation.threshold import ThresholdError, choose_threshold
 from evaluation.threshold import main as threshold_main
 from experts import (Ensemble, WeightsError, create_expert, load_ensemble, read_manifest, save_ensemble,
@@ -144,27 +145,51 @@ def test_infer_prints_the_verdict_of_the_stored_threshold(tiny_weights, tmp_path
 
 
 # ------------------------------------------------------------------------------------------ the command
-def test_command_chooses_and_records_a_threshold(tiny_weights, labelled_csv, capsys):
+def test_command_prints_by_default_and_records_only_with_write(tiny_weights, labelled_csv, capsys):
+    manifest = tiny_weights / "manifest.json"
+    before = manifest.read_bytes()
+    # the default: choose, print, write nothing (this used to rewrite the manifest silently)
     result = subprocess.run([sys.executable, "evaluation/threshold.py", str(labelled_csv), "--whole", "--rule",
                              "balanced", "--weights", str(tiny_weights)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "threshold " in result.stdout and "not written" in result.stdout and "--write" in result.stdout
+    assert manifest.read_bytes() == before
+    assert threshold_main([str(labelled_csv), "--whole", "--weights", str(tiny_weights), "--rule", "fpr",
+                           "--fpr", "0.25"]) == 0
+    assert "(rule fpr, target FPR 0.25) on 16 images" in capsys.readouterr().out
+    assert manifest.read_bytes() == before
+
+    # --write records it
+    result = subprocess.run([sys.executable, "evaluation/threshold.py", str(labelled_csv), "--whole", "--rule",
+                             "balanced", "--weights", str(tiny_weights), "--write"], cwd=ROOT, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr
     entry = read_manifest(tiny_weights)["threshold"]
     assert entry["rule"] == "balanced" and entry["target_fpr"] is None and entry["n"] == 16
     assert entry["n_fake"] == 8 and entry["n_real"] == 8 and entry["jpeg_quality"] == 75
     assert entry["set"] == f"{labelled_csv} (all rows)"
     assert entry["command"] == (f"python evaluation/threshold.py {labelled_csv} --whole --rule balanced "
-                                f"--weights {tiny_weights}")
+                                f"--weights {tiny_weights} --write")
     assert f"threshold {entry['value']:.6f} (rule balanced) on 16 images (8 fake, 8 real)" in result.stdout
     assert f"balanced accuracy {entry['balanced_accuracy']:.4f}" in result.stdout
+    assert f"recorded in {manifest}" in result.stdout
     assert load_ensemble(tiny_weights).threshold == entry["value"]
 
-    # a dry run prints its choice and leaves the manifest alone
-    before = (tiny_weights / "manifest.json").read_text()
-    assert threshold_main([str(labelled_csv), "--whole", "--weights", str(tiny_weights), "--rule", "fpr",
-                           "--fpr", "0.25", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "(rule fpr, target FPR 0.25) on 16 images" in out and "dry run" in out
-    assert (tiny_weights / "manifest.json").read_text() == before
+
+def test_a_small_set_is_warned_about(tiny_weights, labelled_csv, capsys):
+    """16 images, 8 of them real: far too few for any FPR target (the FPR moves in steps of 1/8)."""
+    assert threshold_main([str(labelled_csv), "--whole", "--weights", str(tiny_weights), "--fpr", "0.3"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: only 8 real images" in err and "1/8 = 0.12" in err and "at least 100 reals" in err
+    assert threshold_main([str(labelled_csv), "--whole", "--weights", str(tiny_weights), "--rule", "balanced"]) == 0
+    assert "warning: only 8 real and 8 fake images" in capsys.readouterr().err
+    # the rule: max(100, 10 / FPR) reals for --rule fpr, 100 of each class for balanced
+    assert threshold.small_set_warning(200, 5, "fpr", 0.05) is None
+    assert "at least 200 reals" in threshold.small_set_warning(199, 500, "fpr", 0.05)
+    assert "at least 100 reals" in threshold.small_set_warning(99, 500, "fpr", 0.2)
+    assert "at least 10000 reals" in threshold.small_set_warning(9999, 500, "fpr", 1e-3)
+    assert threshold.small_set_warning(100, 100, "balanced", None) is None
+    assert threshold.small_set_warning(100, 99, "balanced", None) is not None
 
 
 def test_command_errors_are_clear(tiny_weights, tmp_path, capsys):
@@ -187,13 +212,13 @@ def test_command_errors_are_clear(tiny_weights, tmp_path, capsys):
 # ------------------------------------------------------------------ choosing on validation folds only
 def test_the_threshold_is_chosen_on_the_validation_folds_and_the_test_cluster_only_reported(tmp_path,
                                                                                             monkeypatch, capsys):
-    from evaluation import threshold, validate
+    from evaluation import validate
     from tests.test_validate import designed_scores, fold_trained_weights
 
     for module in (validate, threshold):
         monkeypatch.setattr(module, "score_labelled", designed_scores)
     weights = fold_trained_weights(tmp_path, write_labelled_set(tmp_path / "set", n=24))
-    assert threshold_main(["--folds", "--weights", str(weights)]) == 0
+    assert threshold_main(["--folds", "--weights", str(weights), "--write"]) == 0
     entry = read_manifest(weights)["threshold"]
     # Out of fold: fold 0 by a (reals 0.25, fakes 0.75), fold 1 by b and c (0.5 for all). At most 5% of
     # the validation reals flagged: 0.75. On the test cluster all three score reals 5/12, fakes 7/12, where

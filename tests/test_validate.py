@@ -1,6 +1,8 @@
 """evaluation/validate.py: the command behind the README's AUC table."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,12 +15,33 @@ from experts import create_expert, save_ensemble
 def test_validate_prints_a_table_per_set(tmp_path, labelled_csv, capsys):
     torch.manual_seed(0)
     weights = save_ensemble({"eff": create_expert("test_efficientnet")}, tmp_path / "w")
-    validate.main([str(labelled_csv), "--weights", str(weights), "--whole"])
+    assert validate.main([str(labelled_csv), "--weights", str(weights), "--whole"]) == 0
     out = capsys.readouterr().out
     assert "all rows, 16 images (8 fake), JPEG 75" in out
     assert "| eff " in out and "| ensemble " in out and "auc" in out
     validate.main([str(labelled_csv), "--weights", str(weights), "--val-fraction", "0.5"])
     assert "validation part (50% of groups)" in capsys.readouterr().out
+
+
+def test_the_protocol_comes_from_the_manifest_where_it_records_one(tmp_path, labelled_csv, capsys):
+    """JPEG quality and validation share: as given, else as the weights recorded them, else core.protocol."""
+    from core.protocol import VAL_FRACTION, VALIDATION_JPEG_QUALITY
+
+    assert validate.protocol_settings({}) == (VALIDATION_JPEG_QUALITY, VAL_FRACTION)
+    assert validate.protocol_settings({"threshold": {"value": 0.5, "jpeg_quality": 60}}) == (60, VAL_FRACTION)
+    trained = {"training": {"config": {"val_jpeg_quality": 90, "val_fraction": 0.5}},
+               "threshold": {"value": 0.5, "jpeg_quality": 60}}
+    assert validate.protocol_settings(trained) == (90, 0.5)
+    assert validate.protocol_settings(trained, jpeg_quality=30, val_fraction=0.25) == (30, 0.25)
+    merged = {"merged_from": [{"training": {"config": {"val_jpeg_quality": 90}}},
+                              {"training": {"config": {"val_jpeg_quality": 80}}}]}
+    assert validate.protocol_settings(merged) == (VALIDATION_JPEG_QUALITY, VAL_FRACTION)  # runs disagree
+
+    torch.manual_seed(0)
+    weights = save_ensemble({"eff": create_expert("test_efficientnet")}, tmp_path / "w", metadata=trained)
+    assert validate.main([str(labelled_csv), "--weights", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "validation part (50% of groups)" in out and "JPEG 90" in out
 
 
 def write_splits(labelled_csv, out):
@@ -35,20 +58,25 @@ def test_held_out_clusters_are_measured_as_sets(tmp_path, labelled_csv, capsys):
     torch.manual_seed(0)
     weights = save_ensemble({"eff": create_expert("test_efficientnet")}, tmp_path / "w")
     splits = write_splits(labelled_csv, tmp_path / "splits.csv")
-    validate.main(["--splits", str(splits), "--clusters", "1", "--weights", str(weights)])
+    assert validate.main(["--splits", str(splits), "--clusters", "1", "--weights", str(weights)]) == 0
     out = capsys.readouterr().out
     assert f"cluster_1 ({labelled_csv.parent.name}): held-out cluster, 8 images" in out
-    with pytest.raises(SystemExit, match="not in"):
-        validate.main(["--splits", str(splits), "--clusters", "5", "--weights", str(weights)])
-    with pytest.raises(SystemExit, match="go together"):
-        validate.main([str(labelled_csv), "--clusters", "1", "--weights", str(weights)])
     pd.read_csv(splits).drop(columns="cluster").to_csv(tmp_path / "no_cluster.csv", index=False)
-    with pytest.raises(SystemExit, match=r"not a splits file of data_prep/cluster.py \(missing \['cluster'\]\)"):
-        validate.main(["--splits", str(tmp_path / "no_cluster.csv"), "--clusters", "1", "--weights", str(weights)])
-    with pytest.raises(SystemExit, match="splits file not found"):
-        validate.main(["--splits", str(tmp_path / "nope.csv"), "--clusters", "1", "--weights", str(weights)])
-    with pytest.raises(SystemExit, match="give labels CSVs"):
-        validate.main(["--weights", str(weights)])
+    # bad choices are one "error:" line and exit status 2, raised as typed errors below main()
+    for args, message in [
+        (["--splits", str(splits), "--clusters", "5"], "not in"),
+        ([str(labelled_csv), "--clusters", "1"], "go together"),
+        (["--splits", str(tmp_path / "no_cluster.csv"), "--clusters", "1"],
+         r"not a splits file of data_prep/cluster.py \(missing \['cluster'\]\)"),
+        (["--splits", str(tmp_path / "nope.csv"), "--clusters", "1"], "splits file not found"),
+        ([], "give labels CSVs"),
+        ([str(labelled_csv), "--device", "cuda:7" if not torch.cuda.is_available() else "nodevice"], "device"),
+    ]:
+        assert validate.main([*args, "--weights", str(weights)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+    with pytest.raises(validate.EvaluationSetError, match="go together"):
+        validate.evaluation_sets(validate.SetChoice(csvs=(str(labelled_csv),), clusters=(1,)))
 
 
 def test_subset_table_finds_the_expert_that_does_not_help():
@@ -69,7 +97,7 @@ def test_ensembles_command_prints_every_subset(tmp_path, labelled_csv, capsys):
     torch.manual_seed(0)
     weights = save_ensemble({"a": create_expert("test_efficientnet"), "b": create_expert("test_convnext")},
                             tmp_path / "w")
-    ensembles.main([str(labelled_csv), "--whole", "--weights", str(weights)])
+    assert ensembles.main([str(labelled_csv), "--whole", "--weights", str(weights)]) == 0
     out = capsys.readouterr().out
     for row in ("| a ", "| b ", "| a + b "):
         assert row in out
@@ -119,7 +147,7 @@ def designed(monkeypatch):
 def test_experts_are_chosen_on_the_validation_folds_and_the_test_cluster_only_reported(tmp_path, labelled_csv,
                                                                                         designed, capsys):
     weights = fold_trained_weights(tmp_path, labelled_csv)
-    ensembles.main(["--folds", "--weights", str(weights)])
+    assert ensembles.main(["--folds", "--weights", str(weights)]) == 0
     out = capsys.readouterr().out
     # On the test cluster a + c would win (b is wrong there); on the validation folds, where c is wrong
     # and b right, a + b does: the choice follows the validation folds.
