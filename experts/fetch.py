@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .base_weights import BASE_WEIGHTS, BaseWeightsError, fetch_base_weights
+from experts.base_weights import BASE_WEIGHTS, BaseWeightsError, fetch_base_weights  # cheap: no numpy, torch
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,3 +87,43 @@ def test_transforms_produce_the_input_size():
     assert eval_transform(64)(image=image)["image"].shape == (64, 64, 3)
     assert train_transform(64)(image=image)["image"].shape == (64, 64, 3)
     assert shortcut_free_eval_transform(64)(image=image)["image"].shape == (64, 64, 3)
+
+
+# Upscales, downscales, non-square in both orientations, already the size, odd crop offsets, 1-pixel sides
+# and a non-contiguous view (what core.dataset.limit_aspect returns for a long strip).
+EVAL_SHAPES = [(300, 200), (200, 300), (40, 30), (30, 41), (160, 160), (161, 160), (159, 640), (1, 7), (7, 1),
+               (1000, 999), (97, 1555)]
+
+
+@pytest.mark.parametrize("shape", EVAL_SHAPES)
+@pytest.mark.parametrize("size", [64, 160])
+def test_eval_transform_pixels_equal_the_albumentations_pipeline(shape, size):
+    """Scoring resizes with OpenCV directly, not albumentations (start-up time): the pixels must be the same."""
+    rng = np.random.default_rng(hash(shape) % 1000)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize(shape[::-1],
+                                                                                                Image.BICUBIC))
+    for image in (rng.integers(0, 256, (*shape, 3), dtype=np.uint8), smooth):
+        ours = eval_transform(size)(image=image)["image"]
+        theirs = eval_transform(size).to_albumentations()(image=image)["image"]
+        assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_eval_transform_of_a_view_and_with_jpeg_equal_albumentations():
+    image = np.random.default_rng(1).integers(0, 256, (90, 700, 3), dtype=np.uint8)[:, 50:650:2]  # strided view
+    assert not image.flags["C_CONTIGUOUS"]
+    for t in (eval_transform(64), shortcut_free_eval_transform(64, 60), shortcut_free_eval_transform(160)):
+        np.testing.assert_array_equal(t(image=image)["image"], t.to_albumentations()(image=image)["image"])
+    t = shortcut_free_eval_transform(64, 60)
+    t.set_random_seed(3)  # deterministic: core.dataset reseeds every transform, this one ignores it
+    assert len(t.transforms) == 3 and "jpeg_quality=60" in repr(t)
+
+
+def test_importing_the_transforms_does_not_import_albumentations():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from core.transforms import eval_transform; import core.dataset; "
+            "eval_transform(64)(image=np.zeros((80, 90, 3), np.uint8)); print('albumentations' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -22,6 +22,14 @@ def test_unknown_expert_names_the_known_ones():
         create_expert("no_such_expert")
 
 
+def test_unknown_family_names_the_known_ones():
+    """Families are imported on first use (experts/registry.py); an unknown one lists those it could import."""
+    from experts import ExpertConfig, build_from_config
+
+    with pytest.raises(KeyError, match="'clip', 'convnext', 'efficientnet'"):
+        build_from_config(ExpertConfig(name="x", family="nope", arch="x", input_size=64))
+
+
 @pytest.mark.parametrize("name", TEST_EXPERTS)
 def test_forward_shapes_gradients_and_decomposition(name):
     torch.manual_seed(0)
