@@ -17,31 +17,35 @@ cost, and that mean AUC per millisecond.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from evaluation.metrics import detection_metrics
-from evaluation.with_clip import domain_mean
-from train.heads import HeadSpec, balanced_weights, build_expert, cached_features, cluster_of_rows, fit_head, predict
-from train.token_cache import load_cache
+from train.heads import HeadSpec
 
 CHOICES = ["linear:12", "linear:10", "linear:8", "linear:6", "linear:8,12", "linear:6,8,10,12",
            "lib:12", "lib:10", "lib:8", "lib:6"]
 
 
 def parse_choice(text: str) -> HeadSpec:
-    """``"lib:10"`` -> a LIB head on layer 10; ``"linear:8,12"`` -> a linear head on layers 8 and 12."""
+    """``"lib:10"`` -> a LIB head on layer 10; ``"linear:8,12"`` -> a linear head on layers 8 and 12
+    (:class:`ValueError` for anything else)."""
     head, _, layers = text.partition(":")
+    if head not in ("linear", "lib") or not layers or not all(x.strip().isdigit() for x in layers.split(",")):
+        raise ValueError(f"choice {text!r}: expected linear:LAYER[,LAYER...] or lib:LAYER[,LAYER...]")
     return HeadSpec(layers=[int(x) for x in layers.split(",")], head=head)
 
 
-def tower_speed(meta: dict, depth: int, threads: int, images: int = 32, batch: int = 16) -> float:
+def tower_speed(meta: dict[str, Any], depth: int, threads: int, images: int = 32, batch: int = 16) -> float:
     """Images/s of the cache's tower truncated to ``depth`` blocks (random weights: speed does not depend
     on them) with ``threads`` torch threads, after one warm-up batch."""
+    import torch
+
+    from train.heads import build_expert
+
     torch.set_num_threads(threads)
     expert = build_expert(meta, HeadSpec(layers=[depth]), with_base=False).eval()
     size = meta["input_size"]
@@ -57,19 +61,40 @@ def tower_speed(meta: dict, depth: int, threads: int, images: int = 32, batch: i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("cache", type=Path)
-    p.add_argument("--splits", type=Path, required=True)
-    p.add_argument("--val-clusters", type=int, nargs="*", default=[])
-    p.add_argument("--val-sets", nargs="*", default=[])
-    p.add_argument("--exclude-clusters", type=int, nargs="*", default=[], help="test clusters: never trained on")
-    p.add_argument("--choices", nargs="+", default=CHOICES, help="HEAD:LAYER[,LAYER...]")
-    p.add_argument("--threads", type=int, default=0, help="torch threads for timing the tower (0: torch's default)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cache", type=Path, help="a token cache folder written by train/token_cache.py")
+    p.add_argument("--splits", type=Path, required=True, help="splits.csv of data_prep/cluster.py (the clusters)")
+    p.add_argument("--val-clusters", type=int, nargs="*", default=[], metavar="N",
+                   help="clusters of --splits to validate on, one set each")
+    p.add_argument("--val-sets", nargs="*", default=[], metavar="SET",
+                   help="labelled sets (the cache's `set` names, e.g. general_scenes) to validate on, whole")
+    p.add_argument("--exclude-clusters", type=int, nargs="*", default=[], metavar="N",
+                   help="test clusters: never trained on, never validated on")
+    p.add_argument("--choices", nargs="+", default=CHOICES, metavar="HEAD:LAYERS",
+                   help="HEAD:LAYER[,LAYER...] (default: " + " ".join(CHOICES) + ")")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for timing the tower (default: 0, one per CPU); heads train on one")
     args = p.parse_args(argv)
-    threads = args.threads or torch.get_num_threads()
+    import torch
+
+    from core.device import default_threads
+    from core.labels import LabelsError
+    from evaluation.metrics import detection_metrics
+    from evaluation.with_clip import domain_mean
+    from train.heads import balanced_weights, build_expert, cached_features, cluster_of_rows, fit_head, predict
+    from train.token_cache import load_cache
+
+    if args.threads < 0:
+        p.error("--threads must be 0 (one per CPU) or more")
+    threads = args.threads or default_threads()
     torch.set_num_threads(1)
-    rows, tokens, meta = load_cache(args.cache)
-    cluster = cluster_of_rows(rows, args.splits)
+    try:
+        specs = {text: parse_choice(text) for text in args.choices}
+        rows, tokens, meta = load_cache(args.cache)
+        cluster = cluster_of_rows(rows, args.splits)
+    except (FileNotFoundError, LabelsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     excluded = np.isin(cluster, args.exclude_clusters)
     ok, targets = rows["ok"].to_numpy(), rows["target"].to_numpy()
     sets = {f"cluster {c}": cluster == c for c in args.val_clusters}
@@ -79,8 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"tower timed with {threads} torch threads; validation sets: " + ", ".join(f"{k} ({int(v.sum())})" for k, v in sets.items()))
     print("| choice | depth | " + " | ".join(sets) + " | mean AUC (per labelled set) | tower images/s | ms/image | mean AUC per ms |")
     print("|---" * (len(sets) + 6) + "|")
-    for text in args.choices:
-        spec = parse_choice(text)
+    for text, spec in specs.items():
         features = cached_features(tokens, meta, spec)
         aucs = []
         for held in sets.values():
@@ -100,4 +124,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

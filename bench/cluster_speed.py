@@ -15,20 +15,16 @@ the feature cache.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-import torch
-from PIL import Image
-from sklearn.cluster import KMeans as SklearnKMeans
-from tabulate import tabulate
-from threadpoolctl import threadpool_limits
 
-from data_prep.cluster import LITE0_PACKAGE, ChunkedKMeans
-from data_prep.features import embed_images
 from core.images import is_image_file
+from data_prep.cluster import LITE0_PACKAGE
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -39,18 +35,21 @@ def random_features(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-class CountingKMeans(ChunkedKMeans):
-    """Counts assignment steps: torch_kmeans does not report its iterations (one per Lloyd step, plus a last)."""
-
-    assignments = 0
-
-    def _assign(self, x: torch.Tensor, centers: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.assignments += 1
-        return super()._assign(x, centers, **kwargs)
-
-
 def time_torch_kmeans(x: np.ndarray, k: int, max_iter: int, device: str, seed: int = 0) -> tuple[float, float, int]:
     """Seconds (features already on the device), inertia and iterations of one torch_kmeans k-means++ run."""
+    import torch
+
+    from data_prep.kmeans import ChunkedKMeans
+
+    class CountingKMeans(ChunkedKMeans):
+        """Counts assignment steps: torch_kmeans does not report its iterations (one per Lloyd step, plus a last)."""
+
+        assignments = 0
+
+        def _assign(self, x: torch.Tensor, centers: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            self.assignments += 1
+            return super()._assign(x, centers, **kwargs)
+
     xt = torch.from_numpy(x).to(device)[None]
     model = CountingKMeans(init_method="k-means++", num_init=1, max_iter=max_iter, n_clusters=k, seed=seed,
                           verbose=False)
@@ -63,6 +62,10 @@ def time_torch_kmeans(x: np.ndarray, k: int, max_iter: int, device: str, seed: i
 
 def time_sklearn_kmeans(x: np.ndarray, k: int, max_iter: int, seed: int = 0) -> tuple[float, float, int]:
     """Seconds, inertia and iterations of one scikit-learn k-means++ run (Lloyd), on as many threads as torch."""
+    import torch
+    from sklearn.cluster import KMeans as SklearnKMeans
+    from threadpoolctl import threadpool_limits
+
     model = SklearnKMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=max_iter, random_state=seed)
     with threadpool_limits(limits=torch.get_num_threads()):
         t0 = time.perf_counter()
@@ -73,6 +76,8 @@ def time_sklearn_kmeans(x: np.ndarray, k: int, max_iter: int, seed: int = 0) -> 
 
 def bench_images(n: int, folder: Path) -> list[str]:
     """``n`` image paths from the shared sets (both, interleaved), or synthetic 224 px JPEGs in ``folder``."""
+    from PIL import Image
+
     found = [sorted(p for p in (SHARED_DATA / s / "images").rglob("*") if is_image_file(p))
              for s in ("dfdc_faces", "gan_faces") if (SHARED_DATA / s / "images").is_dir()]
     pool = [str(p) for group in zip(*found) for p in group] + [str(p) for group in found for p in group]
@@ -87,6 +92,7 @@ def bench_images(n: int, folder: Path) -> list[str]:
 
 def time_embedding(n: int, batch_size: int, workers: int) -> tuple[float, str]:
     """Seconds to embed ``n`` images with Lite0 on the CPU (no cache), and where the images came from."""
+    from data_prep.features import embed_images
     from experts import create_expert
 
     expert = create_expert("efficientnet_lite0", pretrained=LITE0_PACKAGE)
@@ -99,24 +105,37 @@ def time_embedding(n: int, batch_size: int, workers: int) -> tuple[float, str]:
 
 
 def _sync(device: str) -> None:
+    import torch
+
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--n", type=int, default=100_000, help="random feature vectors")
-    p.add_argument("--dim", type=int, default=1280, help="feature dimension (Lite0: 1280)")
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--max-iter", type=int, default=100)
-    p.add_argument("--images", type=int, default=1000, help="images to embed (0: skip)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = p.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=100_000, help="random feature vectors (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=1280, help="feature dimension (default: %(default)s, Lite0's)")
+    p.add_argument("--k", type=int, default=8, help="clusters (default: %(default)s)")
+    p.add_argument("--max-iter", type=int, default=100,
+                   help="at most this many Lloyd iterations per k-means (default: %(default)s)")
+    p.add_argument("--images", type=int, default=1000,
+                   help="images to embed; 0 skips the embedding timing (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="image decoding processes of the embedding timing (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads, and scikit-learn's (default: 0, one per CPU)")
+    args = p.parse_args(argv)
+    import torch
+    from tabulate import tabulate
+
+    from core.device import DeviceError, set_threads
+
+    try:
+        set_threads(args.threads)
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     x = random_features(args.n, args.dim)
     rows = []
@@ -134,7 +153,8 @@ def main() -> None:
     print(f"torch {torch.__version__}; torch threads {torch.get_num_threads()}; "
           f"CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
     print(tabulate(rows, headers=["step", "data", "seconds", "result"], tablefmt="github"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

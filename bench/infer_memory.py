@@ -6,6 +6,8 @@
 For each count, N small JPEGs (64x64, generated once into a temporary folder; the smaller counts use the
 first N of them through a CSV list) are scored by ``infer.py`` exactly as users run it, in a subprocess of
 its own, so the peak resident memory (``ru_maxrss`` of that child, from ``os.wait4``) is that run's alone.
+That is host memory: with ``--device cuda`` (or ``auto`` on a machine with a GPU) the model's tensors live
+on the GPU and are not counted.
 """
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from core.protocol import DEFAULT_DEVICE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,34 +52,45 @@ def peak_rss_of(cmd: list[str], log: Path) -> tuple[int, float, float]:
     return proc.returncode, usage.ru_maxrss * scale / 2**20, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--counts", type=int, nargs="+", default=[2000, 20000], help="numbers of images")
-    parser.add_argument("--weights", default=str(ROOT / "weights"))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--counts", type=int, nargs="+", default=[2000, 20000], metavar="N",
+                        help="numbers of images to score, one run each (default: 2000 20000)")
+    parser.add_argument("--weights", default=str(ROOT / "weights"), metavar="DIR",
+                        help="weights folder infer.py loads (default: the shipped weights/)")
+    parser.add_argument("--batch-size", type=int, default=32, help="infer.py --batch-size (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=0, help="infer.py --workers (default: %(default)s)")
+    parser.add_argument("--device", default=DEFAULT_DEVICE,
+                        help="infer.py --device: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N "
+                             "(default: %(default)s)")
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="infer_memory_") as tmp:
         folder = Path(tmp)
         start = time.perf_counter()
         names = make_images(folder, max(args.counts))
         print(f"{len(names)} images of 64x64 written in {time.perf_counter() - start:.0f}s; weights: {args.weights}; "
-              f"batch size {args.batch_size}, workers {args.workers}")
+              f"batch size {args.batch_size}, workers {args.workers}, device {args.device}")
         print(f"{'images':>8} {'peak RSS MiB':>13} {'seconds':>8} {'images/s':>9}")
         for n in args.counts:
             listing = folder / f"list_{n}.csv"
             listing.write_text("img_name\n" + "\n".join(names[:n]) + "\n")
             out = folder / f"sub_{n}.csv"
             cmd = [sys.executable, "infer.py", str(listing), "--submission", str(out), "--weights", args.weights,
-                   "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", "cpu", "--quiet"]
+                   "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device,
+                   "--quiet"]
             code, rss, seconds = peak_rss_of(cmd, folder / f"stderr_{n}.txt")
             if code != 0:
-                sys.exit(f"infer.py failed on {n} images:\n{(folder / f'stderr_{n}.txt').read_text()}")
+                print(f"error: infer.py failed on {n} images:\n{(folder / f'stderr_{n}.txt').read_text()}",
+                      file=sys.stderr)
+                return 1
             rows = sum(1 for _ in open(out)) - 1
-            assert rows == n, f"{rows} rows written for {n} images"
+            if rows != n:
+                print(f"error: infer.py wrote {rows} rows for {n} images", file=sys.stderr)
+                return 1
             print(f"{n:>8} {rss:>13.0f} {seconds:>8.0f} {n / seconds:>9.1f}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -48,8 +48,8 @@ trainable parameters, images/s (image-epochs/s for a head on cached features) an
 (marked "once") and a head epoch. A line under the table adds up a frozen-tower training: the cache once,
 then ``HeadSpec.epochs`` head epochs (``train/heads.py``'s default).
 
-**CPU use** (last column) is the process's CPU seconds, every thread, per wall-clock second and per torch
-thread, over the timed part: near 100% when the run had its cores to itself, about 50% when another
+**CPU use** (last column) is the process's CPU seconds, every thread, per wall-clock second and per
+torch thread, over the timed part: near 100% when the run had its cores to itself, about 50% when another
 process took one of two cores (Linux gives each login session its fair share, whatever the ``nice`` of its
 processes): that row's images/s are then too low, and should be measured again on a quiet machine.
 """
@@ -62,15 +62,12 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-from tabulate import tabulate
-from torch_ema import ExponentialMovingAverage
+from core.protocol import DEFAULT_DEVICE
 
-from experts import create_expert
-from core.device import resolve_device
-from train.objective import JointObjective
+if TYPE_CHECKING:  # the heavy imports happen in the functions: --help stays instant
+    import torch
 
 ALL_LOSSES = {"ce": 1.0, "kl_noise": 1.0, "nce": 0.1, "lib_global": 1.0, "lib_local": 0.5}
 DEFAULT_EXPERTS = ["efficientnet_lite0", "convnext_atto", "clip_vit_b16:lib:layernorm"]
@@ -79,6 +76,10 @@ EPOCH_IMAGES = 10_000
 HEADERS = ["spec", "timed", "input px", "depth", "trainable params", "images/s", f"epoch of {EPOCH_IMAGES:,} images",
            "CPU use"]
 _NUMBERED = re.compile(r"(last|frozen|depth)(\d+)")
+
+
+class SpecError(ValueError):
+    """A spec string that names no expert, a flag that does not exist, or flags that contradict each other."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,10 @@ class Spec:
     overrides: dict[str, Any] = field(default_factory=dict)
     mode: str = "train"
 
-    def build(self):
+    def build(self) -> Any:
+        """The expert of this spec, with random weights."""
+        from experts import create_expert
+
         return create_expert(self.name, pretrained=False, **self.overrides)
 
     @property
@@ -98,17 +102,19 @@ class Spec:
         return self.overrides.get("head") == "lib"
 
 
-def _fail(spec: str, why: str) -> SystemExit:
-    return SystemExit(f"error: {spec}: {why}")
+def _fail(spec: str, why: str) -> SpecError:
+    return SpecError(f"{spec}: {why}")
 
 
 def parse_spec(text: str) -> Spec:
-    """``NAME[:FLAG...][@SIZE]`` -> :class:`Spec`; a bad spec exits with an ``error:`` line.
+    """``NAME[:FLAG...][@SIZE]`` -> :class:`Spec`; a bad spec raises :class:`SpecError` naming it and why.
 
     ``lastK`` and ``depthN`` need the expert's own depth and architecture: they are read from the expert built
     on the ``meta`` device (no memory, no init time).
     """
-    from experts import list_experts
+    import torch
+
+    from experts import create_expert, list_experts
 
     body, at, size = text.partition("@")
     name, *flags = body.split(":")
@@ -215,7 +221,9 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.3g} h"
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device) -> Any:
+    import torch
+
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
@@ -225,20 +233,24 @@ class _Clock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
-    def __enter__(self) -> "_Clock":
+    def __enter__(self) -> _Clock:
+        import torch
+
         if self.cuda:
             torch.cuda.synchronize()
         self.start, self.start_cpu = time.perf_counter(), time.process_time()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
         if self.cuda:
             torch.cuda.synchronize()
         self.timing = Timing(time.perf_counter() - self.start, time.process_time() - self.start_cpu,
                              torch.get_num_threads(), self.cuda)
 
 
-def _timed(step, repeats: int, device: torch.device) -> Timing:
+def _timed(step: Callable[[], object], repeats: int, device: torch.device) -> Timing:
     """The :class:`Timing` of ``repeats`` calls of ``step`` after one untimed warm-up call."""
     step()  # warm-up: allocations, oneDNN / cuDNN choices
     with _Clock(device) as clock:
@@ -247,7 +259,7 @@ def _timed(step, repeats: int, device: torch.device) -> Timing:
     return clock.timing
 
 
-def _depth(expert) -> int | None:
+def _depth(expert: Any) -> int | None:
     return (expert.config.backbone_config or {}).get("num_hidden_layers")
 
 
@@ -256,6 +268,8 @@ def _trainable(module: torch.nn.Module) -> int:
 
 
 def _images(batch_size: int, size: int, device: torch.device) -> torch.Tensor:
+    import torch
+
     return torch.rand(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
 
 
@@ -268,6 +282,11 @@ def images_per_second(spec: str | Spec, losses: dict[str, float], batch_size: in
 def train_rate(spec: Spec, losses: dict[str, float], batch_size: int, steps: int,
                device: torch.device) -> tuple[float, Any, Timing]:
     """``(images/s, expert, timing)`` of full training steps, as ``train/joint.py`` takes them."""
+    import torch
+    from torch_ema import ExponentialMovingAverage
+
+    from train.objective import JointObjective
+
     name = spec.name
     torch.manual_seed(0)
     expert = spec.build().to(device).to(memory_format=torch.channels_last).train()
@@ -297,6 +316,8 @@ def forward_rate(spec: Spec, batch_size: int, steps: int, device: torch.device,
                  as_cache: bool) -> tuple[float, Any, Timing]:
     """``(images/s, expert, timing)`` of inference-mode forward passes: the expert with its head, or (``as_cache``)
     what ``train/token_cache.py`` computes per batch (every layer's tokens of a CLIP tower)."""
+    import torch
+
     from experts.clip import ClipExpert
 
     torch.manual_seed(0)
@@ -306,13 +327,13 @@ def forward_rate(spec: Spec, batch_size: int, steps: int, device: torch.device,
     if as_cache and isinstance(expert, ClipExpert):
         layers = list(range(1, _depth(expert) + 1))
 
-        def run():
+        def run() -> Any:
             return expert.layer_tokens(expert.normalize(x), layers, expert.config.lib_grid)
     elif as_cache:
-        def run():
+        def run() -> Any:
             return expert.forward_features(x)
     else:
-        def run():
+        def run() -> Any:
             return expert(x)
 
     def step() -> None:
@@ -323,11 +344,12 @@ def forward_rate(spec: Spec, batch_size: int, steps: int, device: torch.device,
     return batch_size * steps / timing.wall, expert, timing
 
 
-def head_rate(expert, rows: int, epochs: int) -> tuple[float, int, Timing]:
+def head_rate(expert: Any, rows: int, epochs: int) -> tuple[float, int, Timing]:
     """``(image-epochs/s, head parameters, timing)`` of ``train.heads.fit_head`` training ``expert``'s head on ``rows``
     random features of the width the head reads, ``epochs`` epochs (after a one-epoch warm-up fit); on CPU,
     as ``train/heads.py`` trains."""
     import numpy as np
+    import torch
 
     from train.heads import HeadSpec, fit_head
 
@@ -345,7 +367,7 @@ def head_rate(expert, rows: int, epochs: int) -> tuple[float, int, Timing]:
 
 
 def measure_spec(spec: Spec, batch_size: int, steps: int, device: torch.device, head_rows: int = 4096,
-                 head_epochs: int = 2, log=None) -> list[Row]:
+                 head_epochs: int = 2, log: Callable[[str], None] | None = None) -> list[Row]:
     """The rows of one spec (two per spec: see the module docstring)."""
     size = None
     rows = []
@@ -388,6 +410,8 @@ def _rate(value: float) -> str:
 
 def report(rows: Sequence[Row]) -> str:
     """The Markdown table, and per frozen-tower spec a line adding up a whole head training."""
+    from tabulate import tabulate
+
     from train.heads import HeadSpec
 
     table = [[r.spec, r.timed, r.input_size, "-" if r.layers is None else r.layers,
@@ -406,22 +430,33 @@ def report(rows: Sequence[Row]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("specs", nargs="*", help="NAME[:FLAG...][@SIZE] (see above); default: " + " ".join(DEFAULT_EXPERTS))
-    p.add_argument("--experts", nargs="+", default=None, help="the same specs (older spelling)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (batches) per measurement, after one warm-up")
-    p.add_argument("--head-rows", type=int, default=4096, help="random cached features a frozen spec's head trains on")
-    p.add_argument("--head-epochs", type=int, default=2, help="timed head epochs (after a one-epoch warm-up fit)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("specs", nargs="*", metavar="SPEC",
+                   help="NAME[:FLAG...][@SIZE] (see above) (default: " + " ".join(DEFAULT_EXPERTS) + ")")
+    p.add_argument("--experts", nargs="+", default=None, metavar="SPEC", help="the same specs (older spelling)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="timed steps (batches) per measurement, after one warm-up (default: %(default)s)")
+    p.add_argument("--head-rows", type=int, default=4096,
+                   help="random cached features a frozen spec's head trains on (default: %(default)s)")
+    p.add_argument("--head-epochs", type=int, default=2,
+                   help="timed head epochs, after a one-epoch warm-up fit (default: %(default)s)")
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help="auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0, one per CPU)")
     args = p.parse_args(argv)
     if min(args.batch_size, args.steps, args.head_rows, args.head_epochs) < 1 or args.threads < 0:
         p.error("--batch-size, --steps, --head-rows and --head-epochs must be positive, --threads not negative")
-    specs = [parse_spec(s) for s in (args.specs or []) + (args.experts or [])] or [
-        parse_spec(s) for s in DEFAULT_EXPERTS]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    import torch
+
+    from core.device import DeviceError, resolve_device, set_threads
+
+    try:
+        specs = [parse_spec(s) for s in [*(args.specs or []), *(args.experts or [])] or DEFAULT_EXPERTS]
+        set_threads(args.threads)
+        device = resolve_device(args.device)
+    except (SpecError, DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     load = os.getloadavg()[0]  # before this run adds to it: other work on the machine
     rows = []
     for spec in specs:

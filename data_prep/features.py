@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from core.device import resolve_device
-
-from core.files import atomic_output
 from core.dataset import ImageDataset
+from core.device import resolve_device
+from core.files import atomic_output
 from core.images import ImageLoadError
+from core.progress import progress_bar, write_line
+from core.protocol import DEFAULT_DEVICE
 from core.transforms import eval_transform
 
 if TYPE_CHECKING:  # experts is only needed for the annotation; keep data_prep importable on its own
@@ -166,7 +166,7 @@ class FeatureCache:
 
 @torch.inference_mode()
 def embed_images(paths: Sequence[str | Path], expert: Expert, cache_dir: str | Path | None = None,
-                 batch_size: int = 32, device: str | torch.device = "auto", workers: int = 0,
+                 batch_size: int = 32, device: str | torch.device = DEFAULT_DEVICE, workers: int = 0,
                  progress: bool = True, shard_size: int = SHARD_SIZE) -> Embeddings:
     """L2-normalised ``expert.forward_features`` of each image, after :func:`eval_transform` to its input size.
 
@@ -182,7 +182,7 @@ def embed_images(paths: Sequence[str | Path], expert: Expert, cache_dir: str | P
         batch_size: Images per forward pass.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         workers: DataLoader worker processes decoding images.
-        progress: Show a tqdm bar.
+        progress: Show progress bars (only ever drawn on a terminal, :mod:`core.progress`).
         shard_size: New features per cache shard written.
     """
     paths = [str(p) for p in paths]
@@ -194,7 +194,7 @@ def embed_images(paths: Sequence[str | Path], expert: Expert, cache_dir: str | P
     errors: dict[int, str] = {}  # input row -> why it has no features
     rows_of: dict[str, list[int]] = {}  # file hash -> input rows with those bytes
     hash_of: list[str | None] = []
-    for path in tqdm(paths, desc="hashing", unit="img", disable=not progress, dynamic_ncols=True, leave=False):
+    for path in progress_bar(paths, desc="hashing", unit="img", enabled=progress, leave=False):
         try:
             h = file_sha1(path)
         except ImageLoadError as e:
@@ -215,7 +215,7 @@ def embed_images(paths: Sequence[str | Path], expert: Expert, cache_dir: str | P
     dataset = ImageDataset([paths[rows_of[h][0]] for h in misses], {size: eval_transform(size)})
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     pending: list[str] = []  # embedded hashes not yet written to the cache
-    with tqdm(total=len(dataset), desc="embedding", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=len(dataset), desc="embedding", unit="img", enabled=progress) as bar:
         for batch in loader:
             good = [i for i, e in enumerate(batch["error"]) if not e]
             for i, e in enumerate(batch["error"]):
@@ -223,7 +223,7 @@ def embed_images(paths: Sequence[str | Path], expert: Expert, cache_dir: str | P
                     rows = rows_of[misses[int(batch["index"][i])]]
                     ok[rows] = False
                     for row in rows:
-                        _report(errors, row, e if row == rows[0] else f"{paths[row]}: same bytes as {e}", bar)
+                        _report(errors, row, e if row == rows[0] else f"{paths[row]}: same bytes as {e}")
             if good:
                 x = batch["images"][size][good].to(device, non_blocking=True, memory_format=torch.channels_last)
                 out = F.normalize(expert.forward_features(x).float(), dim=1).cpu().numpy()
@@ -243,14 +243,10 @@ def embed_images(paths: Sequence[str | Path], expert: Expert, cache_dir: str | P
                       [h for h, good in zip(hash_of, ok) if good])
 
 
-def _report(errors: dict[int, str], row: int, message: str, bar: tqdm | None = None) -> None:
-    """Record an unreadable image and print it at once (through tqdm, so the progress bar stays intact)."""
+def _report(errors: dict[int, str], row: int, message: str) -> None:
+    """Record an unreadable image and print it at once (without tearing a progress bar being drawn)."""
     errors[row] = message
-    line = f"error: {message} (skipped)"
-    if bar is not None:
-        bar.write(line, file=sys.stderr)
-    else:
-        print(line, file=sys.stderr)
+    write_line(f"error: {message} (skipped)")
 
 
 def _compact(features: np.ndarray, ok: np.ndarray) -> np.ndarray:

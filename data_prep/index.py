@@ -21,14 +21,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from core.files import atomic_output
 from core.images import ImageLoadError, is_image_file, load_image
 from core.labels import LabelsError, read_labels, split_by_group
+from core.protocol import VAL_FRACTION
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +258,7 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 _BIT_TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
 
 
-def find_duplicates(df: pd.DataFrame, max_distance: int = 24, val_fraction: float = 0.2, salt: str = "",
+def find_duplicates(df: pd.DataFrame, max_distance: int = 24, val_fraction: float = VAL_FRACTION, salt: str = "",
                     hash_size: int = 16, all_pairs: bool = False) -> pd.DataFrame:
     """Pairs of exact or near-duplicate images that leak across labels or across the train/validation split.
 
@@ -314,14 +316,19 @@ def summarise_duplicates(pairs: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Check labelled image sets and find duplicates that leak.")
-    parser.add_argument("sources", nargs="+", help="labels CSV, folder with labels.csv, or folder with real/ fake/")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Exit status: 0 when every row is usable, 1 when some are not (each "
+                                            "named on stderr), 2 when a source cannot be read at all.")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="labels CSV, folder with labels.csv, or folder with real/ fake/")
     parser.add_argument("--max-distance", type=int, default=24,
-                        help="largest Hamming distance between the 256-bit dHashes (about 10%% of the bits)")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="the training split's validation share")
-    parser.add_argument("--pairs", help="write the duplicate pairs to this CSV")
-    parser.add_argument("--no-duplicates", action="store_true", help="only check the rows")
+                        help="largest Hamming distance between the 256-bit dHashes reported as a pair (default: "
+                             "%(default)s, about 10%% of the bits)")
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                        help="the training split's validation share, to tell pairs across it (default: %(default)s)")
+    parser.add_argument("--pairs", metavar="CSV", help="also write every duplicate pair to this CSV")
+    parser.add_argument("--no-duplicates", action="store_true", help="only check the rows; look for no duplicates")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     frames, n_problems = [], 0
@@ -345,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {row.distance:2d} {row.img_a} ({row.target_a}, {row.split_a}) ~ {row.img_b} "
                   f"({row.target_b}, {row.split_b})")
         if args.pairs:
-            pairs.to_csv(args.pairs, index=False)
+            with atomic_output(args.pairs) as tmp:
+                pairs.to_csv(tmp, index=False)
             print(f"pairs written to {args.pairs}")
     return 1 if n_problems else 0
 

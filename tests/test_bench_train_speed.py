@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench import train_speed
-from bench.train_speed import Spec, parse_spec
+from bench.train_speed import Spec, SpecError, parse_spec
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "patch_size": 8,
         "image_size": 64, "projection_dim": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}
@@ -44,9 +44,15 @@ def test_specs_parse_into_overrides_and_a_mode():
     ("test_efficientnet:last1", "CLIP experts only"),
     ("test_efficientnet:depth4", "CLIP experts only"),
 ])
-def test_bad_specs_exit_with_an_error_line(text, why):
-    with pytest.raises(SystemExit, match=f"error: {text}: .*{why}"):
+def test_bad_specs_raise_a_spec_error_naming_them(text, why):
+    with pytest.raises(SpecError, match=f"^{text}: .*{why}"):
         parse_spec(text)
+
+
+def test_the_command_turns_a_bad_spec_into_an_error_line(capsys):
+    assert train_speed.main(["test_clip:bogus", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: test_clip:bogus: unknown flag 'bogus'") and "Traceback" not in err
 
 
 def test_specs_build_what_they_say():

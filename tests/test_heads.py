@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from experts import load_ensemble, read_manifest
 from train import heads
-from train.token_cache import build_cache, load_cache, shard_path
+from train.token_cache import CacheMismatchError, build_cache, load_cache, shard_path
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_cache_holds_every_layers_class_token_and_regions_and_resumes(cache, two
 
 
 def test_a_cache_made_with_other_settings_is_not_resumed(cache, two_sets):
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(CacheMismatchError, match="other settings"):
         build_cache(two_sets, cache, expert_name="test_clip", pretrained=TINY_BASE, input_size=64, grid=1,
                     batch_size=8, workers=0, shard_size=10, progress=False)
 

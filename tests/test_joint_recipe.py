@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 import infer
 from experts import load_ensemble, read_manifest
 from tests.conftest import ROOT, write_labelled_set
-from train import joint
+from train import joint, trainer
 from train.data import build_splits, mutual_teachers
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig, load_config
 from train.objective import JointObjective
 
 ALL_LOSSES = {"ce": 1.0, "kl_noise": 0.5, "kl_mutual": 0.5, "nce": 0.1, "lib_global": 1.0, "lib_local": 0.5}
@@ -79,11 +79,11 @@ def test_layernorm_tuning_changes_only_layernorms_and_the_head(tmp_path, set32):
     config = write_config(tmp_path, "ln", train=[{"csv": str(set32)}], experts=[spec], lr=0.05, ema_decay=0.0)
     joint.main([str(config)])
     torch.manual_seed(0)  # the run's seed: the same initial weights
-    initial = joint.create_expert("test_clip", **{k: v for k, v in spec.items() if k not in ("name", "key")}).state_dict()
+    initial = trainer.create_expert("test_clip", **{k: v for k, v in spec.items() if k not in ("name", "key")}).state_dict()
     trained = load_file(str(tmp_path / "ln" / "weights" / "clip" / "model.safetensors"))
     changed = {k for k, v in trained.items() if not torch.allclose(v.float(), initial[k], atol=2e-3)}
     assert changed, "training changed nothing"
-    layernorms = {f"{n}.{p}" for n, m in joint.create_expert("test_clip").named_modules()
+    layernorms = {f"{n}.{p}" for n, m in trainer.create_expert("test_clip").named_modules()
                   if isinstance(m, torch.nn.LayerNorm) for p in ("weight", "bias")}
     assert changed - layernorms and all(k in layernorms or k.startswith("head.") for k in changed), sorted(changed)
     assert changed & layernorms
@@ -125,7 +125,7 @@ def test_cluster_folds_give_each_expert_its_own_training_rows(tmp_path, set32):
     assert set(splits.val["fold_0"]["img_name"]) == set(rows.loc[rows["cluster"] == 0, "img_name"])
 
     config = write_config(tmp_path, "folds", splits=str(splits_csv), experts=experts, loss_weights=ALL_LOSSES)
-    results = joint.main([str(config)])
+    results = trainer.run(load_config([str(config)]), "test")
     assert set(results) == {"fold_0/a", "fold_0/ensemble", "fold_1/b", "fold_1/ensemble"}
     assert "leave-one-cluster-out" in read_manifest(tmp_path / "folds" / "weights")["training"]["validation"]
 
@@ -154,7 +154,7 @@ def test_test_clusters_are_held_out_from_every_expert_and_never_choose_the_check
     assert splits.selection_sets == ["fold_0", "fold_1"]
 
     config = write_config(tmp_path, "test", splits=str(splits_csv), experts=experts, test_clusters=[2])
-    results = joint.main([str(config)])
+    results = trainer.run(load_config([str(config)]), "test")
     assert {"cluster_2/a", "cluster_2/b", "cluster_2/ensemble"} <= set(results)
     assert read_manifest(tmp_path / "test" / "weights")["training"]["test_sets"] == ["cluster_2"]
 
@@ -166,17 +166,17 @@ def test_test_clusters_are_held_out_from_every_expert_and_never_choose_the_check
 def test_bad_test_clusters_are_refused(tmp_path, set32, options, message):
     splits_csv = write_three_cluster_splits(set32, tmp_path / "splits.csv")
     experts = [{"name": "test_efficientnet", "key": "a", "fold": 0}, {"name": "test_convnext", "key": "b", "fold": 1}]
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ConfigError, match=message):
         build_splits(TrainConfig(experts=experts, splits=str(splits_csv), **options))
-    with pytest.raises(SystemExit, match="needs `splits`"):
+    with pytest.raises(ConfigError, match="needs `splits`"):
         build_splits(TrainConfig(experts=experts, train=[{"csv": str(set32)}], test_clusters=[2]))
 
 
 def test_an_experts_lr_scale_scales_all_its_rates():
     cfg = TrainConfig(experts=[{"name": "test_efficientnet", "key": "a"},
                                {"name": "test_convnext", "key": "b", "lr_scale": 3.0}], lr=1e-3, head_lr_scale=10.0)
-    experts = joint.build_experts(cfg)
-    optimizer = joint.build_optimizer(joint.build_objective(experts, cfg), cfg)
+    experts = trainer.build_experts(cfg)
+    optimizer = trainer.build_optimizer(trainer.build_objective(experts, cfg), cfg)
     rates = {}
     for group in optimizer.param_groups:
         owner = next(k for k, e in experts.items() if any(p is group["params"][0] for p in e.parameters())) \
@@ -193,6 +193,9 @@ def test_early_stopping_with_patience(tmp_path, set32, capsys):
     out = capsys.readouterr().out
     assert "early stop" in out
     assert len(pd.read_csv(tmp_path / "stop" / "log.csv")) == 2
+    assert joint.main([str(config)]) == 0  # again: nothing to do, and it says why
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'stop'}: training already finished at epoch 2 (stopped "
+                                              "early: no better validation score for --patience epochs); nothing to do")
 
 
 def _run(config, *extra, env=None):
@@ -232,15 +235,15 @@ def test_a_run_killed_during_validation_validates_that_epoch_on_resume(tmp_path,
     joint.main([str(write_config(tmp_path, "whole", **options))])
 
     killed = write_config(tmp_path, "killed", **options)
-    real_evaluate = joint.evaluate
+    real_evaluate = trainer.evaluate
 
     def killed_in_validation(*args, **kwargs):
         raise KeyboardInterrupt  # the step-2 checkpoint is on disk; this epoch's validation is not
 
-    monkeypatch.setattr(joint, "evaluate", killed_in_validation)
+    monkeypatch.setattr(trainer, "evaluate", killed_in_validation)
     with pytest.raises(KeyboardInterrupt):
         joint.main([str(killed)])
-    monkeypatch.setattr(joint, "evaluate", real_evaluate)
+    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
     joint.main([str(killed)])
 
     epochs = pd.read_csv(tmp_path / "killed" / "log.csv")["epoch"].tolist()
@@ -267,7 +270,7 @@ def test_two_process_ddp_on_cpu(tmp_path, set32):
 # ------------------------------------------------------------------------------------- honest folds
 def _objective(specs: dict[str, str], loss_weights: dict[str, float], **kwargs) -> JointObjective:
     torch.manual_seed(0)
-    return JointObjective({key: joint.create_expert(name) for key, name in specs.items()}, loss_weights, **kwargs)
+    return JointObjective({key: trainer.create_expert(name) for key, name in specs.items()}, loss_weights, **kwargs)
 
 
 def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +303,7 @@ def test_mutual_learning_teachers_never_trained_on_the_students_validation_rows(
     splits = build_splits(cfg)
     # b trains on cluster 0, a's validation cluster (and a on b's): only the same fold's expert teaches.
     assert splits.teachers == {"a": ["a2"], "a2": ["a"], "b": []}
-    assert joint.Trainer(cfg, "test").objective.teachers == splits.teachers
+    assert trainer.Trainer(cfg, "test").objective.teachers == splits.teachers
     # Without folds every expert trains on the same rows and is validated on rows none of them saw.
     group = build_splits(TrainConfig(experts=experts, train=[{"csv": str(set32)}]))
     assert group.teachers == {"a": ["a2", "b"], "a2": ["a", "b"], "b": ["a", "a2"]}
@@ -377,7 +380,7 @@ def test_evaluated_and_written_weights_carry_the_ema_of_batchnorm_statistics(tmp
     config = write_config(tmp_path, "ema", train=[{"csv": str(set32)}], experts=THREE_FAMILIES[:1], ema_decay=0.5)
     live: list[dict[str, torch.Tensor]] = []
     seen: dict[str, dict[str, torch.Tensor]] = {}
-    step, save, score = joint.Trainer.optimizer_step, joint.save_ensemble, joint.score_images
+    step, save, score = trainer.Trainer.optimizer_step, trainer.save_ensemble, trainer.score_images
 
     def recording_step(self, batches):
         if not live:
@@ -394,9 +397,9 @@ def test_evaluated_and_written_weights_carry_the_ema_of_batchnorm_statistics(tmp
         seen["evaluated"] = _running_stats(ensemble.experts["eff"])
         return score(ensemble, *args, **kwargs)
 
-    monkeypatch.setattr(joint.Trainer, "optimizer_step", recording_step)
-    monkeypatch.setattr(joint, "save_ensemble", recording_save)
-    monkeypatch.setattr(joint, "score_images", recording_score)
+    monkeypatch.setattr(trainer.Trainer, "optimizer_step", recording_step)
+    monkeypatch.setattr(trainer, "save_ensemble", recording_save)
+    monkeypatch.setattr(trainer, "score_images", recording_score)
     joint.main([str(config)])
 
     expected = live[0]  # torch-ema's rule, warm-up included
@@ -421,14 +424,14 @@ def test_an_ema_checkpoint_of_parameters_only_still_loads():
     """Checkpoints from before the EMA covered BatchNorm statistics resume, the statistics' average starting
     from the live ones."""
     torch.manual_seed(0)
-    expert = joint.create_expert("test_efficientnet")
-    old = joint.ExponentialMovingAverage([p for p in expert.parameters() if p.requires_grad], decay=0.9)
+    expert = trainer.create_expert("test_efficientnet")
+    old = trainer.ExponentialMovingAverage([p for p in expert.parameters() if p.requires_grad], decay=0.9)
     with torch.no_grad():
         for name, b in expert.named_buffers():
             if "running_mean" in name:
                 b.add_(1.0)
-    ema = joint.make_ema(expert, 0.9)
-    joint.load_ema(ema, old.state_dict(), expert)
-    tensors = joint.ema_tensors(expert)
+    ema = trainer.make_ema(expert, 0.9)
+    trainer.load_ema(ema, old.state_dict(), expert)
+    tensors = trainer.ema_tensors(expert)
     assert len(ema.shadow_params) == len(tensors) > len(old.shadow_params)
     assert all(torch.equal(s, t) for s, t in zip(ema.shadow_params, tensors))

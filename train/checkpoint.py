@@ -21,6 +21,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore every generator :func:`rng_state` saved."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(state["python"]), None))
@@ -34,6 +35,7 @@ def save_checkpoint(path: Path, **state: Any) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only: tensors and plain containers only, nothing executable.
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's state, on the CPU. ``weights_only``: tensors and plain containers only, nothing
+    executable. ``mmap``: map the tensors instead of reading them (cheap when only the counters are wanted)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

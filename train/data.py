@@ -8,6 +8,9 @@ Two ways to split, chosen by the config:
   rows whose ``fold_<f_e>`` column says ``train`` and is validated on cluster ``f_e``, the kind of image
   it never saw. Experts on different folds still share batches (one data pipeline); a row counts in the
   losses of only the experts that train on it, through a per-expert mask.
+
+A config these cannot be built from raises :class:`train.config.ConfigError`; a labels or splits file that
+cannot be read raises :class:`core.labels.LabelsError`. Both name the file or option.
 """
 from __future__ import annotations
 
@@ -20,10 +23,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Sampler
 
-from core.labels import LabelsError, read_labels, read_splits, split_by_group
-from train.config import TrainConfig
+from core.labels import read_labels, read_splits, split_by_group
+from train.config import BALANCE_MODES, ConfigError, TrainConfig
 
-BALANCE_MODES = ("none", "class", "source_class")
+__all__ = ["BALANCE_MODES", "EpochSampler", "Splits", "build_splits", "expert_folds", "expert_key", "mutual_teachers",
+           "sampling_weights", "set_name"]
 
 
 @dataclass
@@ -56,18 +60,19 @@ class Splits:
 
 
 def expert_key(spec: dict) -> str:
+    """An expert's unique name in a run: its ``key`` entry, else its registry ``name``."""
     return spec.get("key", spec["name"])
 
 
 def build_splits(cfg: TrainConfig) -> Splits:
     """The pool, masks and validation sets of the config (cluster folds when ``splits`` is set)."""
     if cfg.test_clusters and not cfg.splits:
-        raise SystemExit("error: `test_clusters` needs `splits` (the splits.csv of data_prep/cluster.py)")
+        raise ConfigError("`test_clusters` needs `splits` (the splits.csv of data_prep/cluster.py)")
     splits = _fold_splits(cfg) if cfg.splits else _group_splits(cfg)
     for entry in cfg.val_extra:
         path = entry if isinstance(entry, str) else entry["csv"]
         name = set_name(path)
-        splits.val[name] = _read(path)
+        splits.val[name] = read_labels(path)
         splits.val_experts[name] = None
     if cfg.max_val_images:
         splits.val = {k: v.sample(n=min(len(v), cfg.max_val_images), random_state=cfg.seed).reset_index(drop=True)
@@ -77,11 +82,11 @@ def build_splits(cfg: TrainConfig) -> Splits:
 
 def _group_splits(cfg: TrainConfig) -> Splits:
     if not cfg.train:
-        raise SystemExit("error: no training data; set `train: [{csv: path/to/labels.csv}]` (or `splits:`) in the config")
+        raise ConfigError("no training data; set `train: [{csv: path/to/labels.csv}]` (or `splits:`) in the config")
     parts, val = [], {}
     for entry in cfg.train:
         entry = {"csv": entry} if isinstance(entry, str) else entry
-        train_df, val_df = split_by_group(_read(entry["csv"]), cfg.val_fraction)
+        train_df, val_df = split_by_group(read_labels(entry["csv"]), cfg.val_fraction)
         parts.extend([train_df] * int(entry.get("repeat", 1)))
         val[set_name(entry["csv"])] = val_df
     pool = pd.concat(parts, ignore_index=True)
@@ -97,20 +102,17 @@ def expert_folds(cfg: TrainConfig, k: int) -> dict[str, int]:
     for i, spec in enumerate(cfg.experts):
         fold = int(spec.get("fold", i % k))
         if not 0 <= fold < k:
-            raise SystemExit(f"error: expert {expert_key(spec)!r}: fold {fold} is not in 0..{k - 1} ({cfg.splits})")
+            raise ConfigError(f"expert {expert_key(spec)!r}: fold {fold} is not in 0..{k - 1} ({cfg.splits})")
         folds[expert_key(spec)] = fold
     return folds
 
 
 def _fold_splits(cfg: TrainConfig) -> Splits:
     path = Path(cfg.splits)
-    try:
-        rows = read_splits(path)
-    except LabelsError as e:
-        raise SystemExit(f"error: {e}") from None
+    rows = read_splits(path)
     fold_cols = sorted((c for c in rows.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
     if not fold_cols:
-        raise SystemExit(f"error: {path}: not a splits file of data_prep/cluster.py (missing fold_* columns)")
+        raise ConfigError(f"{path}: not a splits file of data_prep/cluster.py (missing fold_* columns)")
     folds = expert_folds(cfg, len(fold_cols))
     test_rows = _test_rows(rows, cfg.test_clusters, folds, path)
     trains = {key: (rows[f"fold_{f}"] == "train").to_numpy() & ~test_rows for key, f in folds.items()}
@@ -176,23 +178,16 @@ def _test_rows(rows: pd.DataFrame, clusters: list[int], folds: dict[str, int], p
     if not clusters:
         return np.zeros(len(rows), bool)
     if "cluster" not in rows.columns:
-        raise SystemExit(f"error: {path}: no `cluster` column, so `test_clusters` cannot be held out")
+        raise ConfigError(f"{path}: no `cluster` column, so `test_clusters` cannot be held out")
     known = set(rows["cluster"].unique())
     unknown = sorted(set(clusters) - known)
     if unknown:
-        raise SystemExit(f"error: test_clusters {unknown} are not clusters of {path} (it has {sorted(known)})")
+        raise ConfigError(f"test_clusters {unknown} are not clusters of {path} (it has {sorted(known)})")
     clash = {key: f for key, f in folds.items() if f in clusters}
     if clash:
-        raise SystemExit(f"error: experts {sorted(clash)} validate on folds {sorted(set(clash.values()))}, which are "
-                         "test_clusters: give them other folds (a test cluster never chooses a checkpoint)")
+        raise ConfigError(f"experts {sorted(clash)} validate on folds {sorted(set(clash.values()))}, which are "
+                          "test_clusters: give them other folds (a test cluster never chooses a checkpoint)")
     return rows["cluster"].isin(clusters).to_numpy()
-
-
-def _read(csv_path: str) -> pd.DataFrame:
-    try:
-        return read_labels(csv_path)
-    except LabelsError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def set_name(csv_path: str) -> str:
@@ -207,7 +202,7 @@ def sampling_weights(pool: pd.DataFrame, mode: str) -> np.ndarray | None:
     batch holds both classes in about equal numbers. ``None`` for ``mode="none"``: a plain permutation.
     """
     if mode not in BALANCE_MODES:
-        raise SystemExit(f"error: balance must be one of {BALANCE_MODES}, got {mode!r}")
+        raise ConfigError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {mode!r}")
     if mode == "none":
         return None
     cells = pool["target"].astype(str) if mode == "class" else pool["source"].astype(str) + "/" + pool["target"].astype(str)

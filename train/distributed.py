@@ -33,9 +33,19 @@ class Dist:
         return self.rank == 0
 
 
+def world_size() -> int:
+    """Processes of this run, as torchrun tells them in the environment (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun, or the only process: the one that prints, logs and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group torchrun describes in the environment (no-op when run directly)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,6 +62,7 @@ def process_device(device: torch.device, d: Dist) -> torch.device:
 
 
 def barrier(d: Dist) -> None:
+    """Wait for every process (no-op in one process)."""
     if d.enabled:
         dist.barrier()
 
@@ -66,5 +77,6 @@ def broadcast(value: Any, d: Dist) -> Any:
 
 
 def shutdown(d: Dist) -> None:
+    """Leave the process group (no-op in one process)."""
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

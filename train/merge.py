@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
-from experts import Expert, WeightsError, read_manifest, save_ensemble
-from experts.weights import load_expert
+if TYPE_CHECKING:  # experts (torch) is imported when merging: --help stays instant
+    from experts import Expert
 
 
 def merge_weights(folders: list[str | Path], out: str | Path, weights: list[float] | None = None,
@@ -25,7 +26,14 @@ def merge_weights(folders: list[str | Path], out: str | Path, weights: list[floa
     """Write the experts of ``folders`` (in order) as one weights folder; keys must not collide.
 
     ``keep``: only these expert keys (every one must exist in some folder); default all.
+
+    Raises:
+        ValueError: ``weights`` or ``keep`` do not fit the folders.
+        experts.WeightsError: a folder is not a valid weights folder, or two hold the same expert key.
     """
+    from experts import WeightsError, read_manifest, save_ensemble
+    from experts.weights import load_expert
+
     if weights is not None and len(weights) != len(folders):
         raise ValueError(f"{len(weights)} weights given for {len(folders)} folders")
     if keep is not None:
@@ -52,14 +60,17 @@ def merge_weights(folders: list[str | Path], out: str | Path, weights: list[floa
                          metadata={"merged_from": records})
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folders", nargs="+", help="weights folders written by train/joint.py")
+    p.add_argument("folders", nargs="+", metavar="FOLDER",
+                   help="weights folders (written by train/joint.py, train/heads.py or this command)")
     p.add_argument("--out", required=True, help="the merged weights folder")
-    p.add_argument("--weight", type=float, nargs="+", help="one ensemble weight per input folder (default: 1)")
+    p.add_argument("--weight", type=float, nargs="+", metavar="W",
+                   help="one ensemble weight per input folder, multiplying its experts' own (default: 1 each)")
     p.add_argument("--keep", nargs="+", metavar="KEY", help="only these experts (default: every expert)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
+    from experts import WeightsError, read_manifest
     if Path(args.out).exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2

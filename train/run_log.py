@@ -21,6 +21,8 @@ EPOCH_LOG = "log.csv"
 
 
 class RunLog:
+    """The CSV logs (and TensorBoard events) of one run in ``out_dir``, continued from ``resume_step``."""
+
     def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int = 0):
         self.out_dir = Path(out_dir)
         for name in (TRAIN_LOG, EPOCH_LOG):
@@ -70,7 +72,7 @@ def _truncate_after(path: Path, step: int) -> None:
         df[df["step"] <= step].to_csv(path, index=False)
 
 
-def _summary_writer(folder: Path, resume_step: int):
+def _summary_writer(folder: Path, resume_step: int) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is in requirements.txt, but a trimmed install may lack it

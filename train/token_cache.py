@@ -8,10 +8,14 @@ with). ``train/heads.py`` then fits linear or LIB heads on any layer or set of l
 in seconds, and writes experts that ``infer.py`` loads.
 
     python train/token_cache.py ../shared/data/*/labels.csv --out runs/tokens/clip_vit_b16-224
+    python train/token_cache.py ../shared/data/*/labels.csv --input-size 160 \\
+        --out runs/tokens/clip_vit_b16-160                   # the cache the shipped head was trained on
 
-Images go through the validation protocol's transform (resize, then JPEG quality 75 for both classes), so
-the cache cannot carry the classes' different compression histories (the ``gan_faces`` trap) into a head.
-Shards of ``--shard-size`` images are written atomically; running the command again resumes.
+Images go through the validation protocol's transform (resize, then the JPEG quality of
+:mod:`core.protocol` for both classes), so the cache cannot carry the classes' different compression
+histories (the ``gan_faces`` trap) into a head. Shards of ``--shard-size`` images are written atomically;
+running the command again resumes. A folder holding a cache made with other settings is refused
+(:class:`CacheMismatchError`; the command exits 2).
 """
 from __future__ import annotations
 
@@ -19,39 +23,53 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
-import pandas as pd
-import torch
-from safetensors.numpy import load_file, save_file
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from core.protocol import VALIDATION_JPEG_QUALITY
 
-from core.files import atomic_output, atomic_write
-from core.dataset import ImageDataset
-from core.labels import read_labels
-from core.transforms import shortcut_free_eval_transform
-from experts import create_expert
-from experts.clip import ClipExpert
+if TYPE_CHECKING:  # the heavy imports happen in the functions: the command's --help stays instant
+    import numpy as np
+    import pandas as pd
 
 INDEX = "index.csv"
 META = "cache.json"
 
 
+class CacheMismatchError(ValueError):
+    """A cache folder that holds a cache made with other settings than those asked for."""
+
+
 def shard_path(out: Path, i: int) -> Path:
+    """The file of shard ``i`` of the cache in ``out``."""
     return out / f"shard-{i:05d}.safetensors"
 
 
 def build_cache(csvs: Sequence[str | Path], out: str | Path, *, expert_name: str = "clip_vit_b16",
                 pretrained: str = "clip_vit_b16_openai", input_size: int = 224, grid: int = 2,
-                jpeg_quality: int = 75, batch_size: int = 32, workers: int = 2, shard_size: int = 512,
-                progress: bool = True) -> Path:
+                jpeg_quality: int = VALIDATION_JPEG_QUALITY, batch_size: int = 32, workers: int = 2,
+                shard_size: int = 512, progress: bool = True) -> Path:
     """Embed every image of ``csvs`` into ``out`` (see the module docstring); returns ``out``.
 
     Every layer of the tower is kept (``[N, n_layers, 1 + grid * grid, D]`` float16 over the shards), so
     the choice of layers, depth and head comes after, from numbers.
+
+    Raises:
+        CacheMismatchError: ``out`` holds a cache made with other settings.
+        core.labels.LabelsError: a labels CSV cannot be used.
     """
+    import numpy as np
+    import pandas as pd
+    import torch
+    from torch.utils.data import DataLoader
+
+    from core.dataset import ImageDataset
+    from core.files import atomic_output, atomic_write
+    from core.labels import read_labels
+    from core.progress import progress_bar, write_line
+    from core.transforms import shortcut_free_eval_transform
+    from experts import create_expert
+    from experts.clip import ClipExpert
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # Each CSV's rows in a seeded random order: the shards fill in that order, so the finished part of a
@@ -73,8 +91,8 @@ def build_cache(csvs: Sequence[str | Path], out: str | Path, *, expert_name: str
     transform = {input_size: shortcut_free_eval_transform(input_size, jpeg_quality)}
     n_shards = (len(rows) + shard_size - 1) // shard_size
     todo = [i for i in range(n_shards) if not shard_path(out, i).is_file()]
-    bar = tqdm(total=len(rows), initial=(n_shards - len(todo)) * shard_size if todo else len(rows),
-               desc="tokens", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(rows), initial=(n_shards - len(todo)) * shard_size if todo else len(rows),
+                       desc="tokens", unit="img", enabled=progress)
     for i in todo:
         part = rows.iloc[i * shard_size:(i + 1) * shard_size]
         dataset = ImageDataset(part["path"].tolist(), transform, part["target"].tolist())
@@ -87,9 +105,9 @@ def build_cache(csvs: Sequence[str | Path], out: str | Path, *, expert_name: str
                 errors += list(batch["error"])
                 bar.update(len(x))
         ok = np.array([not e for e in errors])
-        for path, e in zip(part["path"], errors):
+        for e in errors:
             if e:
-                tqdm.write(f"warning: {e} (left out of the cache)", file=sys.stderr)
+                write_line(f"warning: {e} (left out of the cache)")
         with atomic_output(shard_path(out, i)) as tmp:
             _save_shard(np.concatenate(tokens), ok, str(tmp))
     bar.close()
@@ -97,26 +115,41 @@ def build_cache(csvs: Sequence[str | Path], out: str | Path, *, expert_name: str
 
 
 def _save_shard(tokens: np.ndarray, ok: np.ndarray, path: str) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
     save_file({"tokens": tokens, "ok": ok.astype(np.uint8)}, path)
 
 
-def _check_same_cache(out: Path, meta: dict) -> None:
-    """Refuse to resume into a cache made with other settings (its shards would mix two embeddings)."""
+def _check_same_cache(out: Path, meta: dict[str, Any]) -> None:
+    """Refuse to resume into a cache made with other settings (its shards would mix two embeddings):
+    :class:`CacheMismatchError` naming the settings that differ."""
     old = out / META
     if old.is_file():
         previous = json.loads(old.read_text())
-        if {k: v for k, v in previous.items() if k != "config"} != {k: v for k, v in meta.items() if k != "config"}:
-            raise SystemExit(f"error: {out} holds a cache made with other settings ({old}); use another --out")
+        differ = sorted(k for k in set(previous) | set(meta) if k != "config" and previous.get(k) != meta.get(k))
+        if differ:
+            raise CacheMismatchError(f"{out} holds a cache made with other settings ({', '.join(differ)} differ; "
+                                     f"see {old}); use another --out")
 
 
-def load_cache(folder: str | Path, partial: bool = False) -> tuple[pd.DataFrame, np.ndarray, dict]:
+def load_cache(folder: str | Path, partial: bool = False) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
     """``(rows, tokens, meta)``: the index (one row per image, with ``ok``), ``[N, L, 1 + g * g, D]`` float16
     tokens (zeros for unreadable images) and the cache's settings.
 
     ``partial=True`` returns the finished leading shards of a cache still being built (a seeded random
     sample of each set, in the order of the CSVs) instead of refusing it.
+
+    Raises:
+        FileNotFoundError: ``folder`` holds no cache, or (without ``partial``) an unfinished one.
     """
+    import numpy as np
+    import pandas as pd
+    from safetensors.numpy import load_file
+
     folder = Path(folder)
+    if not (folder / META).is_file():
+        raise FileNotFoundError(f"{folder}: not a token cache (no {META}); make one with train/token_cache.py")
     meta = json.loads((folder / META).read_text())
     rows = pd.read_csv(folder / INDEX, keep_default_na=False)
     n_shards = (len(rows) + meta["shard_size"] - 1) // meta["shard_size"]
@@ -132,27 +165,44 @@ def load_cache(folder: str | Path, partial: bool = False) -> tuple[pd.DataFrame,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Cache a frozen CLIP tower's per-layer tokens of labelled images.")
-    p.add_argument("csvs", nargs="+", help="labels CSVs (img_name,target[,group,source])")
-    p.add_argument("--out", required=True, type=Path, help="cache folder (resumed when it exists)")
-    p.add_argument("--expert", default="clip_vit_b16", help="a CLIP expert name")
-    p.add_argument("--pretrained", default="clip_vit_b16_openai", help="offline base name, or a local folder")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--grid", type=int, default=2, help="regions per side kept for LIB heads")
-    p.add_argument("--jpeg-quality", type=int, default=75, help="re-encoding quality, both classes")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--shard-size", type=int, default=512)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csvs", nargs="+", metavar="CSV", help="labels CSVs (img_name,target[,group,source])")
+    p.add_argument("--out", required=True, type=Path,
+                   help="cache folder (created; a cache already there with the same settings is resumed)")
+    p.add_argument("--expert", default="clip_vit_b16", help="the CLIP expert whose tower embeds (default: %(default)s)")
+    p.add_argument("--pretrained", default="clip_vit_b16_openai",
+                   help="its base weights: an offline base name or a local folder (default: %(default)s)")
+    p.add_argument("--input-size", type=int, default=224,
+                   help="image side in pixels fed to the tower (default: %(default)s)")
+    p.add_argument("--grid", type=int, default=2,
+                   help="regions per side whose patch-token means are kept, for LIB heads (default: %(default)s)")
+    p.add_argument("--jpeg-quality", type=int, default=VALIDATION_JPEG_QUALITY,
+                   help="images of both classes are re-encoded at this JPEG quality, as validation does "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: 0, one per CPU not taken by --workers)")
+    p.add_argument("--shard-size", type=int, default=512,
+                   help="images per shard file, each written atomically (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = build_cache(args.csvs, args.out, expert_name=args.expert, pretrained=args.pretrained,
-                      input_size=args.input_size, grid=args.grid, jpeg_quality=args.jpeg_quality,
-                      batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size)
+
+    from core.device import DeviceError, set_threads
+    from core.labels import LabelsError
+
+    try:
+        set_threads(args.threads, args.workers)
+        out = build_cache(args.csvs, args.out, expert_name=args.expert, pretrained=args.pretrained,
+                          input_size=args.input_size, grid=args.grid, jpeg_quality=args.jpeg_quality,
+                          batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
+                          progress=not args.quiet)
+    except (CacheMismatchError, DeviceError, LabelsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"token cache: {out}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
