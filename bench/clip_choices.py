@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from core.device import default_threads
     from core.labels import LabelsError
-    from evaluation.metrics import detection_metrics
+    from scoring.metrics import detection_metrics
     from evaluation.with_clip import domain_mean
     from train.heads import balanced_weights, build_expert, cached_features, cluster_of_rows, fit_head, predict
     from train.token_cache import load_cache

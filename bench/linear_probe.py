@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from evaluation.metrics import detection_metrics
+    from scoring.metrics import detection_metrics
     from experts import create_expert
 
     try:

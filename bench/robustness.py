@@ -74,7 +74,7 @@ def sweep(ensemble: Ensemble, df: pd.DataFrame, batch_size: int = 32, workers: i
     import pandas as pd
 
     from core.device import resolve_device
-    from evaluation.metrics import detection_metrics
+    from scoring.metrics import detection_metrics
     from scoring.pipeline import score_images
 
     device = resolve_device(device)

@@ -1,4 +1,5 @@
-"""Metrics of detection scores, shared by training (validation) and scoring of submissions."""
-from .metrics import detection_metrics
+"""Measurement only: validation, ensembles of experts, thresholds, held-out clusters, submissions, ablations.
 
-__all__ = ["detection_metrics"]
+The metrics themselves live one stage down, in :mod:`scoring.metrics`, because training validates with
+them too; nothing below this package imports from it.
+"""

@@ -59,7 +59,7 @@ def subset_table(targets: dict[str, np.ndarray], probs: dict[str, np.ndarray], n
     """
     import pandas as pd
 
-    from evaluation.metrics import detection_metrics
+    from scoring.metrics import detection_metrics
 
     w = np.ones(len(names)) if weights is None else np.asarray(weights, float)
     rows = []

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from evaluation.metrics import detection_metrics, verdict_metrics
+from scoring.metrics import detection_metrics, verdict_metrics
 from evaluation.validate import DEFAULT_WEIGHTS
 
 if TYPE_CHECKING:

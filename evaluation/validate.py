@@ -155,7 +155,7 @@ def validate(ensemble: "Ensemble", df: "pd.DataFrame", jpeg_quality: int = VALID
     import pandas as pd
     import torch
 
-    from evaluation.metrics import detection_metrics
+    from scoring.metrics import detection_metrics
 
     targets, probs = score_labelled(ensemble, df, jpeg_quality, batch_size, workers, device)
     rows = {name: detection_metrics(targets, probs[:, i]) for i, name in enumerate(ensemble.names)}

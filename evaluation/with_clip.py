@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from core.protocol import DEFAULT_DEVICE, THRESHOLD_FPR
-from evaluation.metrics import detection_metrics
+from scoring.metrics import detection_metrics
 from evaluation.validate import DEFAULT_WEIGHTS, score_labelled
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from evaluation.metrics import detection_metrics, tpr_at_fpr
+from scoring.metrics import detection_metrics, tpr_at_fpr
 
 
 def test_perfect_and_inverted_scores():
@@ -40,7 +40,7 @@ def test_tpr_at_fpr_uses_every_roc_point_with_tied_scores():
 
 
 def test_verdict_metrics_call_a_score_at_the_threshold_fake():
-    from evaluation.metrics import verdict_metrics
+    from scoring.metrics import verdict_metrics
 
     m = verdict_metrics([0, 0, 1, 1], [0.2, 0.8, 0.8, 0.9], threshold=0.8)
     assert (m["acc"], m["tpr"], m["fpr"], m["bacc"]) == (0.75, 1.0, 0.5, 0.75)

@@ -202,7 +202,7 @@ def heldout_report(rows: pd.DataFrame, tokens: np.ndarray, meta: dict[str, Any],
     """Per held-out set, the detection metrics (``auc``, ``tpr@fpr1e-3``, ...) and ``probs`` of a head that
     never saw it: one head per set trained on every other row, or (``jointly``) one head trained without
     any of the sets, as the recipe's test clusters are held out from every expert."""
-    from evaluation.metrics import detection_metrics
+    from scoring.metrics import detection_metrics
 
     ok = rows["ok"].to_numpy().copy()  # a writable mask: torch warns on indexing with a read-only one
     targets = rows["target"].to_numpy()

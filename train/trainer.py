@@ -36,7 +36,7 @@ from core.device import resolve_device
 from core.files import atomic_write
 from core.progress import progress_bar
 from core.transforms import shortcut_free_eval_transform, train_transform
-from evaluation.metrics import detection_metrics
+from scoring.metrics import detection_metrics
 from experts import Ensemble, Expert, create_expert, save_ensemble
 from scoring.pipeline import score_images
 from train.checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
