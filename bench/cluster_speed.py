@@ -23,7 +23,6 @@ from typing import Sequence
 
 import numpy as np
 
-from core.images import is_image_file
 from data_prep.cluster import LITE0_PACKAGE
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -78,7 +77,9 @@ def bench_images(n: int, folder: Path) -> list[str]:
     """``n`` image paths from the shared sets (both, interleaved), or synthetic 224 px JPEGs in ``folder``."""
     from PIL import Image
 
-    found = [sorted(p for p in (SHARED_DATA / s / "images").rglob("*") if is_image_file(p))
+    from core.image_lists import read_image_list
+
+    found = [read_image_list(SHARED_DATA / s / "images")["path"].tolist()
              for s in ("dfdc_faces", "gan_faces") if (SHARED_DATA / s / "images").is_dir()]
     pool = [str(p) for group in zip(*found) for p in group] + [str(p) for group in found for p in group]
     pool = list(dict.fromkeys(pool))

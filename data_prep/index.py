@@ -28,7 +28,7 @@ import pandas as pd
 from PIL import Image
 
 from core.files import atomic_output
-from core.images import ImageLoadError, is_image_file, load_image
+from core.images import ImageLoadError, load_image
 from core.labels import LabelsError, read_labels, split_by_group
 from core.protocol import VAL_FRACTION
 
@@ -153,20 +153,22 @@ def _index_folder(root: Path, on_error: str) -> tuple[pd.DataFrame, list[Problem
     The nearest class folder above a file gives its target; ``source`` is the folder holding the class
     folders (``root``'s name when they sit directly in it), ``group`` the file's own name.
     """
+    from core.image_lists import ImageListError, read_image_list
+
+    try:
+        names = read_image_list(root)["img_name"]  # every image file below root, sorted
+    except ImageListError:
+        names = []
     rows = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel_dir = Path(dirpath).relative_to(root)
+    for name in names:
+        rel_dir = Path(name).parent
         classes = [(i, CLASS_FOLDERS[p.lower()]) for i, p in enumerate(rel_dir.parts) if p.lower() in CLASS_FOLDERS]
         if not classes:
             continue
         depth, target = classes[-1]
         src = "/".join(rel_dir.parts[:depth]) or root.resolve().name
-        for filename in sorted(filenames):
-            if is_image_file(filename):
-                name = (rel_dir / filename).as_posix()
-                rows.append({"img_name": name, "path": str(root.resolve() / name), "target": target,
-                             "group": name, "source": src})
+        rows.append({"img_name": name, "path": str(root.resolve() / name), "target": target, "group": name,
+                     "source": src})
     if not rows:
         raise LabelsError(f"{root}: no labels.csv and no images under real/ or fake/ folders")
     df = pd.DataFrame(rows)

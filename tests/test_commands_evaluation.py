@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 EVALUATION = ROOT / "evaluation"
 COMMANDS = ["validate.py", "threshold.py", "ensembles.py", "submission.py", "with_clip.py", "heldout.py"]
 WITH_DEVICE = ["validate.py", "threshold.py", "ensembles.py", "with_clip.py"]
-HEAVY = ("torch", "sklearn", "pandas", "matplotlib", "transformers", "timm", "experts", "scoring", "train")
+HEAVY = ("torch", "sklearn", "pandas", "matplotlib", "transformers", "timm", "experts", "scoring.pipeline", "train")
 
 HELP = """
 import runpy, sys
