@@ -5,6 +5,7 @@
     python infer.py test/labels.csv --submission sub.csv    # a CSV list (img_name column, relative to the CSV)
     python infer.py imgs/ --submission sub.csv --per-expert --batch-size 64 --device cuda
     python infer.py big_list.csv --submission sub.csv --resume   # continue a run that was killed
+    python infer.py clip.mp4 --frames 32 --video-agg topk --per-frame   # a video: one line, then one per frame
 
 The score is the (weighted) average of the experts' softmax fake probabilities, as in the original
 ensemble. Printed, each image is one line ``PROBABILITY<TAB>VERDICT<TAB>NAME`` (no header; with
@@ -25,6 +26,20 @@ the end the rows are written to ``OUT.csv`` in input order, atomically, and the 
 
 On a CPU, torch uses one thread per core left over by the --workers decoding processes (--threads sets it;
 ``bench/infer_speed.py --threads-table`` measures the choice).
+
+Videos (.mp4 .mov .avi .mkv .webm .m4v; named directly, in folders, CSV lists and globs) are decoded with
+PyAV: --frames evenly spaced frames (16; fewer when the video has fewer) are scored as images are (with
+--crop-faces, each frame's face crop), and their probabilities make the video's one probability and verdict
+(--video-agg: mean, max, or topk, the mean of the top ceil(N/4) frames). Only the sampled frames are decoded
+and kept (long videos are reached by seeking). --per-frame prints each sampled frame's line
+``PROB<TAB>VERDICT<TAB>NAME#frame=K`` (K: the frame's index in the video, from 0) after the video's line;
+--frame-scores OUT.csv writes ``img_name,frame,time_s,y_pred`` rows (with --per-expert, one column per
+expert), with or without --submission. A video that cannot be decoded (not a video, no frames, truncated,
+corrupt, frames too large) is an ``error:`` line and a --fill row, like an unreadable image.
+
+--heatmap OUT_DIR also writes, per image, where the experts find their evidence for "fake": Grad-CAM++
+(``scoring/heatmaps.py``) over the centre square the model scores, NAME.heatmap.png (the weighted average of
+the experts' maps) and NAME.EXPERT.heatmap.png per expert. The scores printed or written are the same.
 """
 from __future__ import annotations
 
@@ -41,8 +56,10 @@ if TYPE_CHECKING:  # the heavy imports happen in run(), after the options are re
 
     from experts import Ensemble
     from scoring.pipeline import BatchScores, Score
+    from scoring.video import VideoScore
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights"
+VIDEO_AGGREGATIONS = ("mean", "max", "topk")  # scoring.video.AGGREGATIONS, without importing torch for --help
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: 0, one per CPU not taken by --workers)")
     p.add_argument("--crop-faces", action="store_true",
                    help="score a square crop around the largest face (YuNet) instead of the whole image")
+    p.add_argument("--frames", type=int, default=16, metavar="N",
+                   help="frames sampled per video, evenly spaced over it (default: 16; all of a shorter video)")
+    p.add_argument("--video-agg", default="mean", choices=VIDEO_AGGREGATIONS,
+                   help="a video's probability from its frames': mean, max, or topk = the mean of the top "
+                        "ceil(N/4) frames (default: mean)")
+    p.add_argument("--per-frame", action="store_true",
+                   help="after each video's line, print one line per sampled frame: PROB, VERDICT, NAME#frame=K "
+                        "(K: the frame's index in the video, from 0); with --submission use --frame-scores")
+    p.add_argument("--frame-scores", metavar="FRAMES.csv",
+                   help="write each video's sampled frames as img_name,frame,time_s,y_pred rows to this CSV "
+                        "(replaced only with --overwrite)")
+    p.add_argument("--heatmap", metavar="OUT_DIR",
+                   help="also write fake-class heat maps (Grad-CAM++) of each image into OUT_DIR: NAME.heatmap.png, "
+                        "the experts' weighted average, and NAME.EXPERT.heatmap.png per expert (NAME: the image's "
+                        "file name without extension), each laid over the centre square the model scores (the "
+                        "face crop with --crop-faces): the map covers that square only; images only, videos are "
+                        "skipped; about 0.3 s per image and expert on a CPU; files of these names are replaced")
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     p.add_argument("--debug", action="store_true", help="show tracebacks, also for images that cannot be read")
     return p
@@ -87,10 +121,17 @@ class Run:
     per_expert: bool = False
     progress: bool = True
     debug: bool = False
+    frames: int = 16
+    video_agg: str = "mean"
+    per_frame: bool = False
+    frame_scores: str | None = None
+    heatmap: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 0 or self.threads < 0:
             raise OptionError("--batch-size must be at least 1, --workers and --threads at least 0")
+        if self.frames < 1 or self.video_agg not in VIDEO_AGGREGATIONS:
+            raise OptionError(f"--frames must be at least 1 and --video-agg one of {', '.join(VIDEO_AGGREGATIONS)}")
 
 
 def score_sources(sources: Sequence[str], run: Run, submission: str | None = None, overwrite: bool = False,
@@ -105,7 +146,11 @@ def score_sources(sources: Sequence[str], run: Run, submission: str | None = Non
         raise OptionError("--resume continues a --submission run; pass --submission OUT.csv")
     if submission and Path(submission).exists() and not overwrite:
         raise OptionError(f"{submission} exists; pass --overwrite to replace it")
-    items = read_image_list(sources)
+    if run.frame_scores and Path(run.frame_scores).exists() and not overwrite:
+        raise OptionError(f"{run.frame_scores} exists; pass --overwrite to replace it")
+    if run.per_frame and submission:
+        raise OptionError("--per-frame prints; with --submission, write the frames with --frame-scores FRAMES.csv")
+    items = read_image_list(sources, videos=True)
     device = resolve_device(run.device)
     set_threads(run.threads, run.workers)
     ensemble = load_ensemble(run.weights, device)
@@ -116,7 +161,8 @@ def score_sources(sources: Sequence[str], run: Run, submission: str | None = Non
         failed = score_to_stdout(run, names, paths, ensemble, device)
     if failed:
         filled = f"; their rows hold --fill {fill}" if submission and fill is not None else ""
-        print(f"{failed} of {len(items)} images could not be scored (see the errors above){filled}", file=sys.stderr)
+        what = "files" if _has_videos(paths) else "images"
+        print(f"{failed} of {len(items)} {what} could not be scored (see the errors above){filled}", file=sys.stderr)
         return 1
     return 0
 
@@ -129,13 +175,195 @@ def _batches(run: Run, names: Sequence[str], paths: Sequence[str], ensemble: "En
                          progress=progress and run.progress, crop_faces=run.crop_faces)
 
 
-def _report(score: "Score", debug: bool) -> None:
-    """One line per unreadable image; with --debug, the traceback of loading it again here."""
-    from core.images import ImageLoadError, load_image
+def _has_videos(paths: Sequence[str]) -> bool:
+    from core.video import is_video_file
+
+    return any(is_video_file(p) for p in paths)
+
+
+def _results(run: Run, names: Sequence[str], paths: Sequence[str], ensemble: "Ensemble", device: "torch.device",
+             progress: bool) -> Iterator["BatchScores | VideoScore"]:
+    """Results in input order: each run of consecutive images goes through the batched image pipeline
+    (:func:`_batches`), each video through :func:`scoring.video.score_video`, one :class:`VideoScore` each."""
+    from core.video import is_video_file
+
+    start = 0
+    while start < len(paths):
+        video = is_video_file(paths[start])
+        end = start + 1
+        while end < len(paths) and is_video_file(paths[end]) == video:
+            end += 1
+        if video:
+            for i in range(start, end):
+                yield _score_video(run, names[i], paths[i], ensemble, device)
+        else:
+            yield from _batches(run, names[start:end], paths[start:end], ensemble, device, progress)
+        start = end
+
+
+def _score_video(run: Run, name: str, path: str, ensemble: "Ensemble", device: "torch.device") -> "VideoScore":
+    """One video's :class:`VideoScore`; one that cannot be decoded is a failed one (``error``, NaN), like an
+    unreadable image (with --debug, its traceback is printed)."""
+    from core.video import VideoLoadError
+    from scoring.video import VideoScore, score_video
+
+    try:
+        return score_video(ensemble, path, run.frames, run.crop_faces, run.video_agg, run.batch_size, device, name=name)
+    except VideoLoadError as e:
+        if run.debug:
+            traceback.print_exc()
+        return VideoScore.failed(name, path, e, len(ensemble.names))
+
+
+def _is_video(result: "BatchScores | VideoScore") -> bool:
+    from scoring.video import VideoScore
+
+    return isinstance(result, VideoScore)
+
+
+def _video_notes(video: "VideoScore") -> None:
+    """One line per distinct note of a video's frames (no face found for --crop-faces), naming the frames."""
     from core.progress import write_line
 
+    frames: dict[str, list[str]] = {}
+    for index, note in zip(video.frame_indices, video.notes):
+        if note:
+            frames.setdefault(note, []).append(str(index))
+    for note, which in frames.items():
+        write_line(f"note: {video.name}: frame{'s' if len(which) > 1 else ''} {', '.join(which)}: {note}")
+
+
+def _print_video(run: Run, video: "VideoScore", ensemble: "Ensemble") -> None:
+    """The video's line, as an image's; with --per-frame, one line per sampled frame after it."""
+    from core.progress import write_line
+
+    _video_notes(video)
+    extra = "".join(f"\t{p:.6f}" for p in video.expert_probs) if run.per_expert else ""
+    write_line(f"{video.prob:.6f}\t{ensemble.verdict(video.prob)}\t{video.name}{extra}", file=sys.stdout)
+    if run.per_frame:
+        for index, prob, experts in zip(video.frame_indices, video.frame_probs, video.frame_expert_probs):
+            extra = "".join(f"\t{p:.6f}" for p in experts) if run.per_expert else ""
+            write_line(f"{prob:.6f}\t{ensemble.verdict(prob)}\t{video.name}#frame={index}{extra}", file=sys.stdout)
+
+
+class _FrameScores:
+    """--frame-scores: each video's frames appended to ``FRAMES.csv.partial`` as it is scored (flushed), written
+    to ``FRAMES.csv`` in input order at the end, atomically. A resumed --submission run keeps the rows of the
+    videos scored before the kill; any other run starts the partial file over."""
+
+    def __init__(self, out: str, stamp: str, experts: Sequence[str], resume: bool):
+        from scoring.submission import FRAME_COLUMNS, PartialWriter, partial_path, read_partial
+
+        self.out, self.partial, self.stamp = Path(out), partial_path(out), stamp
+        self.columns = [*FRAME_COLUMNS, *experts]
+        if self.partial.exists():
+            if resume:
+                read_partial(self.partial, stamp, self.columns, key=("img_name", "frame"))  # refuses other settings
+            else:
+                self.partial.unlink()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = PartialWriter(self.partial, stamp, self.columns)
+        self.per_expert = bool(experts)
+
+    def add(self, video: "VideoScore") -> None:
+        if video.error:
+            return
+        self.writer.write([[video.name, str(index), f"{time:.3f}", f"{prob:.6f}",
+                            *(f"{p:.6f}" for p in (experts if self.per_expert else []))]
+                           for index, time, prob, experts in zip(video.frame_indices, video.frame_times,
+                                                                 video.frame_probs, video.frame_expert_probs)])
+
+    def finish(self, names: Sequence[str]) -> int:
+        from scoring.submission import write_frame_scores
+
+        self.writer.close()
+        rows = write_frame_scores(self.partial, self.out, names, self.stamp, self.columns)
+        self.partial.unlink()
+        return rows
+
+
+def _stamp(run: Run, paths: Sequence[str]) -> str:
+    """The first line of a partial file: the settings its rows were scored with (video ones when it has videos)."""
+    from experts import read_manifest, scores_fingerprint
+
+    video = f", video frames {run.frames}, video_agg {run.video_agg}" if _has_videos(paths) else ""
+    return (f"# partial results of infer.py: weights {scores_fingerprint(read_manifest(run.weights))}, "
+            f"crop_faces {run.crop_faces}{video}")
+
+
+def _frame_scores(run: Run, ensemble: "Ensemble", paths: Sequence[str], resume: bool) -> "_FrameScores | None":
+    if not run.frame_scores:
+        return None
+    return _FrameScores(run.frame_scores, _stamp(run, paths), ensemble.names if run.per_expert else [], resume)
+
+
+class _Heatmaps:
+    """--heatmap OUT_DIR: the heat maps of every image scored (``scoring.heatmaps.write_heatmaps``), made after its
+    batch is scored; files are named by the image's stem, made unique within the run (``x``, ``x-2``...)."""
+
+    def __init__(self, out_dir: str, ensemble: "Ensemble", crop_faces: bool, debug: bool):
+        self.out, self.ensemble, self.crop_faces, self.debug = Path(out_dir), ensemble, crop_faces, debug
+        self.stems: set[str] = set()
+        self.images = self.videos = self.failed = 0
+
+    def add(self, result: "BatchScores | VideoScore") -> None:
+        from core.images import ImageLoadError, load_image
+        from core.progress import write_line
+        from scoring.heatmaps import write_heatmaps
+
+        if _is_video(result):
+            if not result.error:
+                self.videos += 1
+            return
+        for score in result:
+            if score.error:  # named already; no map
+                continue
+            try:
+                write_heatmaps(self.ensemble, load_image(score.path), self.out, self._stem(score.name), self.crop_faces)
+                self.images += 1
+            except (ImageLoadError, OSError, ValueError, RuntimeError) as e:
+                self.failed += 1
+                if self.debug:
+                    traceback.print_exc()
+                write_line(f"error: {score.name}: no heat map: {e}")
+
+    def _stem(self, name: str) -> str:
+        stem = Path(name).stem or "image"
+        unique, k = stem, 2
+        while unique in self.stems:
+            unique, k = f"{stem}-{k}", k + 1
+        self.stems.add(unique)
+        return unique
+
+    def finish(self) -> None:
+        videos = f"; none for {self.videos} video{'s' * (self.videos != 1)} (images only)" if self.videos else ""
+        failed = f"; {self.failed} scored images got none (see the errors above)" if self.failed else ""
+        print(f"heatmaps of {self.images} image{'s' * (self.images != 1)} written to {self.out} (NAME.heatmap.png: the experts' average, "
+              f"NAME.EXPERT.heatmap.png: each expert){videos}{failed}", file=sys.stderr)
+
+
+def _heatmaps(run: Run, ensemble: "Ensemble") -> "_Heatmaps | None":
+    return _Heatmaps(run.heatmap, ensemble, run.crop_faces, run.debug) if run.heatmap else None
+
+
+def _with_heatmaps(results: Iterator["BatchScores | VideoScore"], maps: "_Heatmaps | None",
+                   ) -> Iterator["BatchScores | VideoScore"]:
+    """``results`` as they come; with --heatmap, each batch's maps are made once the caller has reported it."""
+    for result in results:
+        yield result
+        if maps:
+            maps.add(result)
+
+
+def _report(score: "Score", debug: bool) -> None:
+    """One line per unreadable image or video; with --debug, the traceback of loading an image again here (a
+    video's was printed when it failed)."""
+    from core.images import ImageLoadError, load_image
+    from core.progress import write_line
+    from core.video import is_video_file
+
     write_line(f"error: {score.error}")
-    if debug and score.path:
+    if debug and score.path and not is_video_file(score.path):
         try:
             load_image(score.path)
         except ImageLoadError:
@@ -161,7 +389,18 @@ def score_to_stdout(run: Run, names: Sequence[str], paths: Sequence[str], ensemb
     from core.progress import write_line
 
     failed = 0
-    for batch in _batches(run, names, paths, ensemble, device, progress=len(names) > 1):
+    frames = _frame_scores(run, ensemble, paths, resume=False)
+    maps = _heatmaps(run, ensemble)
+    for batch in _with_heatmaps(_results(run, names, paths, ensemble, device, progress=len(names) > 1), maps):
+        if _is_video(batch):
+            if batch.error:
+                failed += 1
+                _report(batch, run.debug)
+            else:
+                _print_video(run, batch, ensemble)
+                if frames:
+                    frames.add(batch)
+            continue
         _note(batch)
         for score in batch:
             if score.error:
@@ -170,6 +409,10 @@ def score_to_stdout(run: Run, names: Sequence[str], paths: Sequence[str], ensemb
                 continue
             extra = "".join(f"\t{p:.6f}" for p in score.expert_probs) if run.per_expert else ""
             write_line(f"{score.prob:.6f}\t{ensemble.verdict(score.prob)}\t{score.name}{extra}", file=sys.stdout)
+    if frames:
+        frames.finish(names)
+    if maps:
+        maps.finish()
     return failed
 
 
@@ -177,15 +420,13 @@ def score_to_submission(run: Run, names: Sequence[str], paths: Sequence[str], en
                         device: "torch.device", submission: str, resume: bool, fill: float | None) -> int:
     """Score into ``OUT.csv.partial`` batch by batch, then write ``OUT.csv``; returns the number of failures."""
     from core.progress import write_line
-    from experts import read_manifest, scores_fingerprint
     from scoring.submission import (PartialWriter, SubmissionError, check_unique, done_names, partial_path,
                                     write_submission)
 
     out, partial = Path(submission), partial_path(submission)
     check_unique(names)
     columns = ["img_name", "y_pred", *(ensemble.names if run.per_expert else [])]
-    stamp = (f"# partial results of infer.py: weights {scores_fingerprint(read_manifest(run.weights))}, "
-             f"crop_faces {run.crop_faces}")
+    stamp = _stamp(run, paths)
     if partial.exists() and not resume:
         raise SubmissionError(f"{partial}: holds the results of an interrupted run; pass --resume to continue it "
                               "or delete it to start over")
@@ -194,10 +435,24 @@ def score_to_submission(run: Run, names: Sequence[str], paths: Sequence[str], en
     todo = [i for i, n in enumerate(names) if n not in done]
     failed = scored = 0
     start = time.perf_counter()
+    frames = _frame_scores(run, ensemble, paths, resume)
+    maps = _heatmaps(run, ensemble)
     with PartialWriter(partial, stamp, columns) as writer:
         try:
-            for batch in _batches(run, [names[i] for i in todo], [paths[i] for i in todo], ensemble, device,
-                                  progress=True):
+            for batch in _with_heatmaps(_results(run, [names[i] for i in todo], [paths[i] for i in todo], ensemble,
+                                                 device, progress=True), maps):
+                if _is_video(batch):
+                    if batch.error:
+                        failed += 1
+                        _report(batch, run.debug)
+                        continue
+                    _video_notes(batch)
+                    if frames:
+                        frames.add(batch)
+                    experts = batch.expert_probs if run.per_expert else []
+                    writer.write([[batch.name, f"{batch.prob:.6f}", *(f"{p:.6f}" for p in experts)]])
+                    scored += 1
+                    continue
                 _note(batch)
                 rows = []
                 for score in batch:
@@ -216,10 +471,16 @@ def score_to_submission(run: Run, names: Sequence[str], paths: Sequence[str], en
     seconds = time.perf_counter() - start
     written, filled = write_submission(partial, out, names, stamp, columns, fill)
     partial.unlink()
+    if frames:
+        frame_rows = frames.finish(names)
+        print(f"{frame_rows} frame rows written to {frames.out}", file=sys.stderr)
     resumed = f", {len(names) - len(todo)} were already in {partial.name} (resumed)" if done else ""
     filled = f" ({filled} filled with {fill})" if filled else ""
-    print(f"scored {scored} images in {seconds:.1f}s ({scored / max(seconds, 1e-9):.1f} img/s){resumed}; "
+    unit = ("files", "files/s") if _has_videos(paths) else ("images", "img/s")
+    print(f"scored {scored} {unit[0]} in {seconds:.1f}s ({scored / max(seconds, 1e-9):.1f} {unit[1]}){resumed}; "
           f"{written} rows written to {out}{filled}", file=sys.stderr)
+    if maps:
+        maps.finish()
     return failed
 
 
@@ -237,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise OptionError(str(e)) from None
         run = Run(weights=args.weights, device=args.device, batch_size=args.batch_size, workers=args.workers,
                   threads=args.threads, crop_faces=args.crop_faces, per_expert=args.per_expert,
-                  progress=not args.quiet, debug=args.debug)
+                  progress=not args.quiet, debug=args.debug, frames=args.frames, video_agg=args.video_agg,
+                  per_frame=args.per_frame, frame_scores=args.frame_scores, heatmap=args.heatmap)
         return score_sources(args.sources, run, args.submission, args.overwrite, args.resume, fill)
     except (OptionError, ImageListError, SubmissionError, WeightsError, DeviceError) as e:
         if args.debug:

@@ -37,6 +37,25 @@ def limit_aspect(image: np.ndarray, max_aspect: int = MAX_ASPECT) -> np.ndarray:
     return image
 
 
+def preprocess_image(image: np.ndarray,
+                     preprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, str]:
+    """What every decoded image (or video frame) goes through before the transforms: :func:`limit_aspect`,
+    then ``preprocess`` (e.g. a face crop). A warning it issues (no face found) is returned as the image's
+    note, for the caller to report next to the image's name, instead of once, anonymously, per process."""
+    image = limit_aspect(image)
+    if preprocess is None:
+        return image, ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = preprocess(image)
+    return image, "; ".join(str(w.message) for w in caught)
+
+
+def transform_image(image: np.ndarray, transforms: Mapping[int, Callable[..., dict[str, Any]]]) -> dict[int, torch.Tensor]:
+    """``{size: [3, S, S] float in [0, 1]}``: the image through each input size's transform."""
+    return {s: to_tensor(t(image=image)["image"]) for s, t in transforms.items()}
+
+
 class ImageDataset(Dataset):
     """Items ``{"index", "target", "images": {size: [3, S, S]}, "error"}``.
 
@@ -68,21 +87,14 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = {"index": index, "target": self.targets[index], "error": "", "note": ""}
         try:
-            image = limit_aspect(load_image(self.paths[index]))
-            if self.preprocess is not None:
-                # A warning while preprocessing (no face found for a face crop) is this image's note: the
-                # caller reports it next to the image's name instead of once, anonymously, per process.
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    image = self.preprocess(image)
-                item["note"] = "; ".join(str(w.message) for w in caught)
+            image, item["note"] = preprocess_image(load_image(self.paths[index]), self.preprocess)
         except ImageLoadError as e:
             item["error"] = str(e)
             item["images"] = {s: torch.zeros(3, s, s) for s in self.transforms}
             return item
         if self.seed is not None:
             self._reseed(index)
-        item["images"] = {s: to_tensor(t(image=image)["image"]) for s, t in self.transforms.items()}
+        item["images"] = transform_image(image, self.transforms)
         return item
 
     def _reseed(self, index: int) -> None:

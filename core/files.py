@@ -101,3 +101,20 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextmanager
+def scratch_file(data: bytes, suffix: str = "", folder: str | Path | None = None) -> Iterator[Path]:
+    """``data`` in a private temporary file for the duration of the block, for readers that need a path
+    (a video decoder scoring an upload); the file is removed when the block ends, however it ends.
+
+    ``folder`` defaults to the system's temporary folder; ``suffix`` (e.g. ``".mp4"``) ends the name.
+    """
+    fd, name = tempfile.mkstemp(prefix="deepfake-upload-", suffix=suffix, dir=folder)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

@@ -10,9 +10,11 @@ next image.
 """
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -56,14 +58,27 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageLoadError(path, "file not found")
     if not path.is_file():  # a folder named x.jpg, a FIFO (would block), a device
         raise ImageLoadError(path, "not a regular file")
+    return _decode(path, path, lambda: path.stat().st_size)
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """:func:`load_image` for a file's bytes already in memory (an upload), named ``name`` in errors.
+
+    The same checks, messages and pixels as :func:`load_image` on a file holding ``data``.
+    """
+    return _decode(Path(name), io.BytesIO(data), lambda: len(data))
+
+
+def _decode(path: Path, source: Path | io.BytesIO, size: Callable[[], int]) -> np.ndarray:
+    """Decode ``source`` (a file, or bytes in memory) as RGB; errors name ``path``."""
     try:
-        if path.stat().st_size == 0:
+        if size() == 0:
             raise ImageLoadError(path, "not an image: the file is empty (0 bytes)")
         with warnings.catch_warnings():
             # Pillow warns above its own pixel limit (89 MP; ours is MAX_PIXELS, checked below) and about
             # odd metadata ("Corrupt EXIF data"): lines that name no file, for images that decode fine.
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
                     raise ImageLoadError(path, _too_large(f"{width}x{height} = {width * height:,} pixels"))

@@ -73,8 +73,8 @@ class PartialWriter:
         self.close()
 
 
-def read_partial(path: Path, stamp: str, columns: Sequence[str]) -> pd.DataFrame:
-    """The rows a partial file holds, as written (strings); ``img_name`` unique.
+def read_partial(path: Path, stamp: str, columns: Sequence[str], key: Sequence[str] = ("img_name",)) -> pd.DataFrame:
+    """The rows a partial file holds, as written (strings); ``key`` unique (the last row of each is kept).
 
     A kill can tear the last line: it is cut off the file, so that the next run appends after whole rows
     and scores that image again.
@@ -96,7 +96,7 @@ def read_partial(path: Path, stamp: str, columns: Sequence[str]) -> pd.DataFrame
     except pd.errors.ParserError as e:
         raise SubmissionError(f"{path}: corrupt ({e}); delete it to start over") from None
     df = df[pd.to_numeric(df["y_pred"], errors="coerce").notna()]
-    return df.drop_duplicates("img_name", keep="last")
+    return df.drop_duplicates(list(key), keep="last")
 
 
 def done_names(partial: Path, stamp: str, columns: Sequence[str]) -> set[str]:
@@ -124,6 +124,23 @@ def write_submission(partial: Path, out: Path, names: Sequence[str], stamp: str,
         with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
             df.to_csv(f, index=False, lineterminator="\n")
     return len(df), len(missing) if fill is not None else 0
+
+
+FRAME_COLUMNS = ["img_name", "frame", "time_s", "y_pred"]
+
+
+def write_frame_scores(partial: Path, out: Path, names: Sequence[str], stamp: str, columns: Sequence[str]) -> int:
+    """Write the per-frame rows of a partial file (``img_name,frame,time_s,y_pred[,expert ...]``, one row per
+    sampled frame of each video) to ``out`` atomically: videos in the order of ``names``, frames in order.
+    Returns the number of rows written."""
+    df = read_partial(partial, stamp, columns, key=("img_name", "frame"))
+    first = {name: i for i, name in reversed(list(enumerate(names)))}
+    df = df.assign(_pos=df["img_name"].map(first).fillna(-1), _frame=pd.to_numeric(df["frame"]))
+    df = df[df["_pos"] >= 0].sort_values(["_pos", "_frame"], kind="stable").drop(columns=["_pos", "_frame"])
+    with atomic_output(out) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            df.to_csv(f, index=False, lineterminator="\n")
+    return len(df)
 
 
 def parse_fill(value: str) -> float | None:
