@@ -47,7 +47,7 @@ import argparse
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="weights folder (default: the shipped weights/)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto, the GPU if any)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding worker processes (default: 1 on a machine with 2 or more CPUs when there is "
+                        "more than one batch to score, else 0)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: 0, one per CPU not taken by --workers)")
     p.add_argument("--crop-faces", action="store_true",
@@ -115,7 +117,7 @@ class Run:
     weights: str = str(DEFAULT_WEIGHTS)
     device: str = "auto"
     batch_size: int = 32
-    workers: int = 0
+    workers: int | None = None
     threads: int = 0
     crop_faces: bool = False
     per_expert: bool = False
@@ -128,7 +130,7 @@ class Run:
     heatmap: str | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.workers < 0 or self.threads < 0:
+        if self.batch_size < 1 or (self.workers is not None and self.workers < 0) or self.threads < 0:
             raise OptionError("--batch-size must be at least 1, --workers and --threads at least 0")
         if self.frames < 1 or self.video_agg not in VIDEO_AGGREGATIONS:
             raise OptionError(f"--frames must be at least 1 and --video-agg one of {', '.join(VIDEO_AGGREGATIONS)}")
@@ -138,7 +140,7 @@ def score_sources(sources: Sequence[str], run: Run, submission: str | None = Non
                   resume: bool = False, fill: float | None = 0.5) -> int:
     """Score every image the sources name: printed, or into the ``submission`` CSV; returns the exit status
     (0, or 1 when some images could not be scored). Raises the typed errors ``main()`` maps to status 2."""
-    from core.device import resolve_device, set_threads
+    from core.device import default_workers, resolve_device, set_threads
     from core.image_lists import read_image_list
     from experts import load_ensemble
 
@@ -152,6 +154,8 @@ def score_sources(sources: Sequence[str], run: Run, submission: str | None = Non
         raise OptionError("--per-frame prints; with --submission, write the frames with --frame-scores FRAMES.csv")
     items = read_image_list(sources, videos=True)
     device = resolve_device(run.device)
+    if run.workers is None:
+        run = replace(run, workers=default_workers(len(items), run.batch_size))
     set_threads(run.threads, run.workers)
     ensemble = load_ensemble(run.weights, device)
     names, paths = items["img_name"].tolist(), items["path"].tolist()

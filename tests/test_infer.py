@@ -133,6 +133,10 @@ def test_threads_option_and_default_leave_a_core_to_each_loader_worker(tiny_weig
 
     monkeypatch.setattr(device, "cpu_count", lambda: 4)
     assert [device.default_threads(w) for w in (0, 1, 3, 8)] == [4, 3, 1, 1]
+    assert device.default_workers(1, 32) == 0 and device.default_workers(33, 32) == 1  # a process only to overlap
+    monkeypatch.setattr(device, "cpu_count", lambda: 1)
+    assert device.default_workers(1000, 32) == 0
+    monkeypatch.setattr(device, "cpu_count", lambda: 4)
     before = torch.get_num_threads()
     try:
         assert infer.main([str(image_folder / "images" / "000.jpg"), "--weights", str(tiny_weights), "--quiet",
@@ -141,5 +145,7 @@ def test_threads_option_and_default_leave_a_core_to_each_loader_worker(tiny_weig
         infer.main([str(image_folder / "images" / "000.jpg"), "--weights", str(tiny_weights), "--quiet",
                     "--workers", "1"])
         assert torch.get_num_threads() == 3
+        infer.main([str(image_folder / "images" / "000.jpg"), "--weights", str(tiny_weights), "--quiet"])
+        assert torch.get_num_threads() == 4  # one image: no worker, every CPU to torch
     finally:
         torch.set_num_threads(before)
