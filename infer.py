@@ -24,8 +24,9 @@ A submission is written as it goes: each batch is appended to ``OUT.csv.partial`
 stays flat and a killed run loses at most one batch (``--resume`` skips what the partial file holds). At
 the end the rows are written to ``OUT.csv`` in input order, atomically, and the partial file is removed.
 
-On a CPU, torch uses one thread per core left over by the --workers decoding processes (--threads sets it;
-``bench/infer_speed.py --threads-table`` measures the choice).
+On a CPU, torch uses one thread per core neither taken by the --workers decoding processes nor busy with
+other work (the 1-minute load average); --threads sets it (``bench/infer_speed.py --threads-table``
+measures the choice).
 
 Videos (.mp4 .mov .avi .mkv .webm .m4v; named directly, in folders, CSV lists and globs) are decoded with
 PyAV: --frames evenly spaced frames (16; fewer when the video has fewer) are scored as images are (with
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-decoding worker processes (default: 1 on a machine with 2 or more CPUs when there is "
                         "more than one batch to score, else 0)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: 0, one per CPU not taken by --workers)")
+                   help="torch CPU threads (default: 0, one per CPU neither taken by --workers nor busy with other "
+                        "work by the load average)")
     p.add_argument("--crop-faces", action="store_true",
                    help="score a square crop around the largest face (YuNet) instead of the whole image")
     p.add_argument("--frames", type=int, default=16, metavar="N",

@@ -32,14 +32,24 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_threads(workers: int = 0) -> int:
-    """torch's CPU threads when the user does not say: one per CPU left over by the loader workers.
+def busy_cpus() -> int:
+    """CPUs other work keeps busy: the 1-minute load average, rounded (0 where the OS gives none)."""
+    try:
+        return max(0, round(os.getloadavg()[0]))
+    except (AttributeError, OSError):
+        return 0
 
-    torch's own default (one thread per core) ignores the worker processes that decode images beside it;
-    on a 2-core machine with one worker, both then fight for the cores and OpenMP's spinning threads make
-    small operations many times slower (``bench/infer_speed.py --threads-table`` measures it).
+
+def default_threads(workers: int = 0) -> int:
+    """torch's CPU threads when the user does not say: one per CPU neither taken by the loader workers nor
+    busy with other work (:func:`busy_cpus`), and at least one.
+
+    torch's own default (one thread per core) ignores both. OpenMP threads that find their core taken spin
+    and wait on each other: measured here with a training job on one of 2 cores, scoring one image took
+    4.8 s with 2 threads and 2.8 s with 1, and a batch run lost 20 to 30% (``bench/infer_speed.py
+    --threads-table``); on an idle machine every core is used.
     """
-    return max(1, cpu_count() - max(0, workers))
+    return max(1, cpu_count() - max(0, workers) - busy_cpus())
 
 
 def default_workers(n_items: int, batch_size: int) -> int:

@@ -132,7 +132,11 @@ def test_threads_option_and_default_leave_a_core_to_each_loader_worker(tiny_weig
     from core import device
 
     monkeypatch.setattr(device, "cpu_count", lambda: 4)
+    monkeypatch.setattr(device, "busy_cpus", lambda: 0)
     assert [device.default_threads(w) for w in (0, 1, 3, 8)] == [4, 3, 1, 1]
+    monkeypatch.setattr(device, "busy_cpus", lambda: 2)  # other work on two cores: leave them alone
+    assert [device.default_threads(w) for w in (0, 1, 3)] == [2, 1, 1]
+    monkeypatch.setattr(device, "busy_cpus", lambda: 0)
     assert device.default_workers(1, 32) == 0 and device.default_workers(33, 32) == 1  # a process only to overlap
     monkeypatch.setattr(device, "cpu_count", lambda: 1)
     assert device.default_workers(1000, 32) == 0
