@@ -42,26 +42,30 @@ def busy_cpus() -> int:
 
 def default_threads(workers: int = 0) -> int:
     """torch's CPU threads when the user does not say: one per CPU neither taken by the loader workers nor
-    busy with other work (:func:`busy_cpus`), and at least one.
+    busy with other work (:func:`busy_cpus`), and at least one; under torchrun the free CPUs are shared out
+    among the machine's processes (``LOCAL_WORLD_SIZE``).
 
     torch's own default (one thread per core) ignores both. OpenMP threads that find their core taken spin
     and wait on each other: measured here with a training job on one of 2 cores, scoring one image took
     4.8 s with 2 threads and 2.8 s with 1, and a batch run lost 20 to 30% (``bench/infer_speed.py
     --threads-table``); on an idle machine every core is used.
     """
-    return max(1, cpu_count() - max(0, workers) - busy_cpus())
+    free = cpu_count() - busy_cpus()
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share it
+    return max(1, free // max(1, processes) - max(0, workers))
 
 
 def default_workers(n_items: int, batch_size: int) -> int:
     """Loader workers when the user does not say: one decoding process beside the model on a machine with 2
     or more CPUs, when there is more than one batch to overlap with; none for a single batch (starting a
-    process would cost more than it saves).
+    process would cost more than it saves). Under torchrun each process counts its share of the CPUs.
 
     Measured on 2 CPUs, the shipped model at batch 32 (``bench/infer_speed.py --threads-table``): 1 thread +
     1 worker was the fastest setting, 2 threads + 0 workers 30% slower, with another job on one core; see
     the README's threads table for the idle machine.
     """
-    return 1 if cpu_count() >= 2 and n_items > batch_size else 0
+    cpus = cpu_count() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this process's share
+    return 1 if cpus >= 2 and n_items > batch_size else 0
 
 
 def set_threads(threads: int | None, workers: int = 0) -> int:

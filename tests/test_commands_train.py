@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 COMMANDS = ["train/joint.py", "train/heads.py", "train/token_cache.py", "train/merge.py", "data_prep/cluster.py",
             "data_prep/index.py", "data_prep/faces.py", "bench/train_speed.py", "bench/cluster_speed.py",
             "bench/clip_choices.py", "bench/linear_probe.py", "bench/robustness.py", "bench/infer_memory.py"]
-LIBRARY = ["train/trainer.py", "train/config.py", "train/data.py", "train/run_log.py", "train/distributed.py",
+LIBRARY = ["train/trainer.py", "train/config.py", "train/data.py", "train/run_log.py", "core/distributed.py",
            "train/checkpoint.py", "data_prep/kmeans.py", "data_prep/features.py"]
 HEAVY = ("torch", "transformers", "timm", "sklearn", "albumentations", "diffusers", "pandas", "matplotlib")
 #: data_prep/index.py's IndexProblemError is a core.labels.LabelsError, and core.labels imports pandas.

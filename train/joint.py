@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The heavy imports (torch, the experts) come once the options are known: --help and option errors are instant.
     from core.device import DeviceError
     from core.labels import LabelsError
-    from train.distributed import is_main_process
+    from core.distributed import is_main_process
     from train.trainer import finished_run, run
 
     command = "python train/joint.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

@@ -42,7 +42,7 @@ from scoring.pipeline import score_images
 from train.checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.config import ConfigError, TrainConfig
 from train.data import EpochSampler, Splits, build_splits, expert_key, sampling_weights
-from train.distributed import barrier, broadcast, init_distributed, process_device, shutdown, world_size
+from core.distributed import barrier, broadcast, init_distributed, process_device, shutdown, world_size
 from train.objective import JointObjective
 from train.run_log import RunLog
 

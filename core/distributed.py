@@ -1,12 +1,15 @@
-"""Multi-GPU and multi-node training through ``torchrun`` (DistributedDataParallel).
+"""Running one command as several processes under ``torchrun``: training (DDP), scoring, embedding, generation.
 
     torchrun --nproc_per_node=4 train/joint.py CONFIG                 # one machine, 4 GPUs
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train/joint.py CONFIG
+    torchrun --nproc_per_node=2 infer.py test/ --submission sub.csv   # scoring, each process a shard
 
-torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them training runs in one process.
-Each process takes every ``world``-th sample of an epoch; gradients are averaged by DDP. Rank 0 alone
-validates, logs and writes checkpoints and weights while the others wait at a barrier. On CPU the gloo
-backend is used (how the tests run two processes without a GPU).
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``; without them a command runs
+in one process and nothing here does anything. Training: each process takes every ``world``-th sample of
+an epoch and DDP averages the gradients. Work that is a list of items (images to score, to embed, to
+generate from) is cut into contiguous shards (:func:`shard_bounds`), one per process. Rank 0 alone writes
+the final outputs while the others wait at a barrier. On CPU the gloo backend is used (how the tests run
+two processes without a GPU).
 """
 from __future__ import annotations
 
@@ -36,6 +39,11 @@ class Dist:
 def world_size() -> int:
     """Processes of this run, as torchrun tells them in the environment (1 when run directly)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size() -> int:
+    """Processes of this run on this machine (1 when run directly): they share its CPUs."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
@@ -80,3 +88,22 @@ def shutdown(d: Dist) -> None:
     """Leave the process group (no-op in one process)."""
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous slice ``[start, end)`` of ``n`` items that process ``rank`` of ``world`` takes: the first
+    ``n % world`` processes get one item more, so shards differ by at most one item and cover all ``n``."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not one of {world} processes")
+    size, extra = divmod(n, world)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (rank < extra)
+
+
+def gather(value: Any, d: Dist) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (``[value]`` in one process)."""
+    if not d.enabled:
+        return [value]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, value)
+    return out
