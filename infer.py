@@ -6,6 +6,7 @@
     python infer.py imgs/ --submission sub.csv --per-expert --batch-size 64 --device cuda
     python infer.py big_list.csv --submission sub.csv --resume   # continue a run that was killed
     python infer.py clip.mp4 --frames 32 --video-agg topk --per-frame   # a video: one line, then one per frame
+    torchrun --nproc_per_node 4 infer.py test/ --submission sub.csv    # 4 processes, each scoring a shard
 
 The score is the (weighted) average of the experts' softmax fake probabilities, as in the original
 ensemble. Printed, each image is one line ``PROBABILITY<TAB>VERDICT<TAB>NAME`` (no header; with
@@ -23,6 +24,17 @@ option is unusable). With --crop-faces, an image in which no face is found is na
 A submission is written as it goes: each batch is appended to ``OUT.csv.partial`` and flushed, so memory
 stays flat and a killed run loses at most one batch (``--resume`` skips what the partial file holds). At
 the end the rows are written to ``OUT.csv`` in input order, atomically, and the partial file is removed.
+
+Under torchrun (``torchrun --nproc_per_node N infer.py INPUTS --submission OUT.csv``; several machines: torchrun's
+``--nnodes``, ``--node-rank`` and ``--rdzv-*`` flags, with the inputs and OUT.csv's folder on a filesystem they
+all see) each process scores its own contiguous shard of what is left to score into its own
+``OUT.csv.partial.RANK``; once every process has finished, process 0 writes ``OUT.csv`` in input order,
+atomically, and removes the partial files. ``--resume`` continues from the partial files of any earlier run,
+whatever its number of processes. A process that crashes fails the job (torchrun names it); every row written
+so far stays in the partial files for ``--resume``. A sharded run writes a --submission (printed lines would
+interleave) and cannot make --heatmap maps. On GPUs each process takes ``cuda:LOCAL_RANK``; on CPUs the free
+cores are shared out among a machine's processes. torchrun reports exit status 1 (some inputs could not be
+scored) as a failure, with its own summary, after the submission is written.
 
 On a CPU, torch uses one thread per core neither taken by the --workers decoding processes nor busy with
 other work (the 1-minute load average); --threads sets it (``bench/infer_speed.py --threads-table``
@@ -55,7 +67,9 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 if TYPE_CHECKING:  # the heavy imports happen in run(), after the options are read: --help stays instant
     import torch
 
+    from core.distributed import Dist
     from experts import Ensemble
+    from scoring.submission import PartialWriter
     from scoring.pipeline import BatchScores, Score
     from scoring.video import VideoScore
 
@@ -141,11 +155,17 @@ class Run:
 def score_sources(sources: Sequence[str], run: Run, submission: str | None = None, overwrite: bool = False,
                   resume: bool = False, fill: float | None = 0.5) -> int:
     """Score every image the sources name: printed, or into the ``submission`` CSV; returns the exit status
-    (0, or 1 when some images could not be scored). Raises the typed errors ``main()`` maps to status 2."""
+    (0, or 1 when some images could not be scored). Raises the typed errors ``main()`` maps to status 2.
+
+    Started by torchrun (``WORLD_SIZE`` > 1), it is one process of a sharded run: see
+    :func:`score_to_submission`."""
     from core.device import default_workers, resolve_device, set_threads
+    from core.distributed import init_distributed, process_device, shutdown, world_size
     from core.image_lists import read_image_list
     from experts import load_ensemble
 
+    if world_size() > 1:
+        _check_sharded(run, submission)
     if resume and not submission:
         raise OptionError("--resume continues a --submission run; pass --submission OUT.csv")
     if submission and Path(submission).exists() and not overwrite:
@@ -157,20 +177,35 @@ def score_sources(sources: Sequence[str], run: Run, submission: str | None = Non
     items = read_image_list(sources, videos=True)
     device = resolve_device(run.device)
     if run.workers is None:
-        run = replace(run, workers=default_workers(len(items), run.batch_size))
+        run = replace(run, workers=default_workers(len(items) // world_size(), run.batch_size))
     set_threads(run.threads, run.workers)
-    ensemble = load_ensemble(run.weights, device)
-    names, paths = items["img_name"].tolist(), items["path"].tolist()
-    if submission:
-        failed = score_to_submission(run, names, paths, ensemble, device, submission, resume, fill)
-    else:
-        failed = score_to_stdout(run, names, paths, ensemble, device)
+    procs = init_distributed(device)
+    try:
+        device = process_device(device, procs)
+        ensemble = load_ensemble(run.weights, device)
+        names, paths = items["img_name"].tolist(), items["path"].tolist()
+        if submission:
+            failed = score_to_submission(run, names, paths, ensemble, device, submission, resume, fill, procs)
+        else:
+            failed = score_to_stdout(run, names, paths, ensemble, device)
+    finally:
+        shutdown(procs)
     if failed:
         filled = f"; their rows hold --fill {fill}" if submission and fill is not None else ""
         what = "files" if _has_videos(paths) else "images"
         print(f"{failed} of {len(items)} {what} could not be scored (see the errors above){filled}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_sharded(run: Run, submission: str | None) -> None:
+    """What a sharded run (under torchrun) cannot do: print (the processes' lines would interleave) or write
+    heat maps (a tool for looking at a few images)."""
+    if not submission:
+        raise OptionError("under torchrun each process scores a shard: pass --submission OUT.csv (printed lines of "
+                          "several processes would interleave)")
+    if run.heatmap:
+        raise OptionError("--heatmap is not available under torchrun; run it in one process")
 
 
 def _batches(run: Run, names: Sequence[str], paths: Sequence[str], ensemble: "Ensemble", device: "torch.device",
@@ -253,38 +288,51 @@ def _print_video(run: Run, video: "VideoScore", ensemble: "Ensemble") -> None:
 
 
 class _FrameScores:
-    """--frame-scores: each video's frames appended to ``FRAMES.csv.partial`` as it is scored (flushed), written
-    to ``FRAMES.csv`` in input order at the end, atomically. A resumed --submission run keeps the rows of the
-    videos scored before the kill; any other run starts the partial file over."""
+    """--frame-scores: each video's frames appended to a partial file as it is scored (flushed; under torchrun
+    one per process), written to ``FRAMES.csv`` in input order at the end, atomically. A resumed --submission
+    run keeps the rows of the videos scored before the kill; any other run starts the partial files over."""
 
-    def __init__(self, out: str, stamp: str, experts: Sequence[str], resume: bool):
-        from scoring.submission import FRAME_COLUMNS, PartialWriter, partial_path, read_partial
+    def __init__(self, out: str, stamp: str, experts: Sequence[str], resume: bool, procs: "Dist"):
+        from scoring.submission import FRAME_COLUMNS, FRAME_KEY, partial_files, partial_path, read_partials
 
-        self.out, self.partial, self.stamp = Path(out), partial_path(out), stamp
+        self.out, self.stamp, self.procs = Path(out), stamp, procs
+        self.partial = partial_path(out, procs.rank if procs.enabled else None)
         self.columns = [*FRAME_COLUMNS, *experts]
-        if self.partial.exists():
-            if resume:
-                read_partial(self.partial, stamp, self.columns, key=("img_name", "frame"))  # refuses other settings
-            else:
-                self.partial.unlink()
+        if resume:
+            read_partials(partial_files(out), stamp, self.columns, key=FRAME_KEY)  # refuses other settings
+        elif procs.is_main:
+            for stale in partial_files(out):
+                stale.unlink()
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = PartialWriter(self.partial, stamp, self.columns)
+        self.writer: "PartialWriter | None" = None  # opened at the first video: after every process has read
         self.per_expert = bool(experts)
 
     def add(self, video: "VideoScore") -> None:
+        from scoring.submission import PartialWriter
+
         if video.error:
             return
+        if self.writer is None:
+            self.writer = PartialWriter(self.partial, self.stamp, self.columns)
         self.writer.write([[video.name, str(index), f"{time:.3f}", f"{prob:.6f}",
                             *(f"{p:.6f}" for p in (experts if self.per_expert else []))]
                            for index, time, prob, experts in zip(video.frame_indices, video.frame_times,
                                                                  video.frame_probs, video.frame_expert_probs)])
 
-    def finish(self, names: Sequence[str]) -> int:
-        from scoring.submission import write_frame_scores
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
-        self.writer.close()
-        rows = write_frame_scores(self.partial, self.out, names, self.stamp, self.columns)
-        self.partial.unlink()
+    def finish(self, names: Sequence[str]) -> int:
+        """Write ``FRAMES.csv`` from every process's partial file and remove them (the main process, once all
+        are closed); returns the number of rows."""
+        from scoring.submission import partial_files, write_frame_scores
+
+        self.close()
+        partials = partial_files(self.out)
+        rows = write_frame_scores(partials, self.out, names, self.stamp, self.columns)
+        for partial in partials:
+            partial.unlink()
         return rows
 
 
@@ -297,10 +345,14 @@ def _stamp(run: Run, paths: Sequence[str]) -> str:
             f"crop_faces {run.crop_faces}{video}")
 
 
-def _frame_scores(run: Run, ensemble: "Ensemble", paths: Sequence[str], resume: bool) -> "_FrameScores | None":
+def _frame_scores(run: Run, ensemble: "Ensemble", paths: Sequence[str], resume: bool,
+                  procs: "Dist | None" = None) -> "_FrameScores | None":
+    from core.distributed import Dist
+
     if not run.frame_scores:
         return None
-    return _FrameScores(run.frame_scores, _stamp(run, paths), ensemble.names if run.per_expert else [], resume)
+    return _FrameScores(run.frame_scores, _stamp(run, paths), ensemble.names if run.per_expert else [], resume,
+                        procs or Dist())
 
 
 class _Heatmaps:
@@ -423,38 +475,78 @@ def score_to_stdout(run: Run, names: Sequence[str], paths: Sequence[str], ensemb
 
 
 def score_to_submission(run: Run, names: Sequence[str], paths: Sequence[str], ensemble: "Ensemble",
-                        device: "torch.device", submission: str, resume: bool, fill: float | None) -> int:
-    """Score into ``OUT.csv.partial`` batch by batch, then write ``OUT.csv``; returns the number of failures."""
-    from core.progress import write_line
-    from scoring.submission import (PartialWriter, SubmissionError, check_unique, done_names, partial_path,
-                                    write_submission)
+                        device: "torch.device", submission: str, resume: bool, fill: float | None,
+                        procs: "Dist | None" = None) -> int:
+    """Score into partial files batch by batch, then write ``OUT.csv``; returns the number of failures.
 
-    out, partial = Path(submission), partial_path(submission)
+    Under torchrun (``procs``) each process scores its contiguous shard of what is left to score into its
+    own partial file, and the main process writes ``OUT.csv`` once every process has finished its shard.
+    """
+    from core.distributed import Dist, barrier, shard_bounds
+    from scoring.submission import SubmissionError, check_unique, done_names, partial_files
+
+    procs = procs or Dist()
+    out = Path(submission)
     check_unique(names)
     columns = ["img_name", "y_pred", *(ensemble.names if run.per_expert else [])]
     stamp = _stamp(run, paths)
-    if partial.exists() and not resume:
-        raise SubmissionError(f"{partial}: holds the results of an interrupted run; pass --resume to continue it "
-                              "or delete it to start over")
+    earlier = partial_files(out)
+    if earlier and not resume:
+        more = f" (and {len(earlier) - 1} more partial files)" if len(earlier) > 1 else ""
+        raise SubmissionError(f"{earlier[0]}{more}: holds the results of an interrupted run; pass --resume to "
+                              "continue it or delete it to start over")
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = done_names(partial, stamp, columns)
+    done = done_names(earlier, stamp, columns)
+    frames = _frame_scores(run, ensemble, paths, resume, procs)
+    barrier(procs)  # every process has read what earlier runs left before any process writes
     todo = [i for i, n in enumerate(names) if n not in done]
-    failed = scored = 0
+    first, end = shard_bounds(len(todo), procs.rank, procs.world)
+    mine = todo[first:end]
     start = time.perf_counter()
-    frames = _frame_scores(run, ensemble, paths, resume)
     maps = _heatmaps(run, ensemble)
-    with PartialWriter(partial, stamp, columns) as writer:
+    failed, scored = _score_shard(run, [names[i] for i in mine], [paths[i] for i in mine], ensemble, device,
+                                  _ShardOutput(out, procs, stamp, columns, frames, maps, len(done)))
+    if frames:
+        frames.close()
+    return _finish_submission(run, names, paths, out, stamp, columns, fill, procs, frames, maps,
+                              (failed, scored, time.perf_counter() - start), n_resumed=len(names) - len(todo))
+
+
+@dataclass
+class _ShardOutput:
+    """Where one process's scores go: its partial file, the frame scores and heat maps, and what to say if
+    it is stopped (``kept``: rows earlier runs left)."""
+
+    out: Path
+    procs: "Dist"
+    stamp: str
+    columns: list[str]
+    frames: "_FrameScores | None"
+    maps: "_Heatmaps | None"
+    kept: int
+
+
+def _score_shard(run: Run, names: Sequence[str], paths: Sequence[str], ensemble: "Ensemble",
+                 device: "torch.device", to: _ShardOutput) -> tuple[int, int]:
+    """Score ``names`` into this process's partial file; returns ``(failed, scored)``. Stopped by an exception,
+    it says how many rows the partial file keeps for ``--resume``."""
+    from core.progress import write_line
+    from scoring.submission import PartialWriter, partial_path
+
+    partial = partial_path(to.out, to.procs.rank if to.procs.enabled else None)
+    failed = scored = 0
+    with PartialWriter(partial, to.stamp, to.columns) as writer:
         try:
-            for batch in _with_heatmaps(_results(run, [names[i] for i in todo], [paths[i] for i in todo], ensemble,
-                                                 device, progress=True), maps):
+            for batch in _with_heatmaps(_results(run, names, paths, ensemble, device, progress=to.procs.is_main),
+                                        to.maps):
                 if _is_video(batch):
                     if batch.error:
                         failed += 1
                         _report(batch, run.debug)
                         continue
                     _video_notes(batch)
-                    if frames:
-                        frames.add(batch)
+                    if to.frames:
+                        to.frames.add(batch)
                     experts = batch.expert_probs if run.per_expert else []
                     writer.write([[batch.name, f"{batch.prob:.6f}", *(f"{p:.6f}" for p in experts)]])
                     scored += 1
@@ -471,19 +563,39 @@ def score_to_submission(run: Run, names: Sequence[str], paths: Sequence[str], en
                 writer.write(rows)
                 scored += len(rows)
         except BaseException:
-            write_line(f"note: {len(done) + scored} scored images are kept in {partial}; "
+            who = f"process {to.procs.rank} of {to.procs.world}: " if to.procs.enabled else ""
+            earlier = f" (and {to.kept} scored by an earlier run)" if to.kept else ""
+            write_line(f"note: {who}{scored} images scored by this run are kept in {partial}{earlier}; "
                        "rerun with --resume to continue")
             raise
-    seconds = time.perf_counter() - start
-    written, filled = write_submission(partial, out, names, stamp, columns, fill)
-    partial.unlink()
+    return failed, scored
+
+
+def _finish_submission(run: Run, names: Sequence[str], paths: Sequence[str], out: Path, stamp: str,
+                       columns: list[str], fill: float | None, procs: "Dist", frames: "_FrameScores | None",
+                       maps: "_Heatmaps | None", counts: tuple[int, int, float], n_resumed: int) -> int:
+    """Once every process has finished its shard, the main process writes ``OUT.csv`` (and FRAMES.csv) from all
+    partial files, removes them and reports; returns the failures of the whole run (0 on other processes,
+    so that torchrun names the main process's status)."""
+    from core.distributed import gather
+    from scoring.submission import partial_files, write_submission
+
+    every = gather(counts, procs)  # waits for every shard; a process that died fails the job here
+    if not procs.is_main:
+        return 0
+    failed, scored, seconds = sum(c[0] for c in every), sum(c[1] for c in every), max(c[2] for c in every)
+    partials = partial_files(out)
+    written, filled = write_submission(partials, out, names, stamp, columns, fill)
+    for partial in partials:
+        partial.unlink()
     if frames:
         frame_rows = frames.finish(names)
         print(f"{frame_rows} frame rows written to {frames.out}", file=sys.stderr)
-    resumed = f", {len(names) - len(todo)} were already in {partial.name} (resumed)" if done else ""
+    resumed = f", {n_resumed} were already in partial files (resumed)" if n_resumed else ""
     filled = f" ({filled} filled with {fill})" if filled else ""
     unit = ("files", "files/s") if _has_videos(paths) else ("images", "img/s")
-    print(f"scored {scored} {unit[0]} in {seconds:.1f}s ({scored / max(seconds, 1e-9):.1f} {unit[1]}){resumed}; "
+    by = f" by {procs.world} processes" if procs.enabled else ""
+    print(f"scored {scored} {unit[0]} in {seconds:.1f}s ({scored / max(seconds, 1e-9):.1f} {unit[1]}){by}{resumed}; "
           f"{written} rows written to {out}{filled}", file=sys.stderr)
     if maps:
         maps.finish()

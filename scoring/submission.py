@@ -5,6 +5,10 @@ scores, each batch is appended to ``OUT.csv.partial`` and flushed: memory stays 
 loses at most one batch (:func:`done_names` tells a resumed run what to skip). At the end the rows are
 written to ``OUT.csv`` atomically and the partial file is removed.
 
+Under torchrun each process scores its own shard into its own ``OUT.csv.partial.RANK`` (one writer per file,
+so processes never interleave rows); the final file is made from all of them. A run may be resumed with
+any number of processes: every partial file of ``OUT.csv`` counts (:func:`partial_files`).
+
 An image that could not be scored still gets a row, with ``fill`` (0.5 by default: "don't know") as its
 score, because competitions and :mod:`evaluation.submission` reject a submission with missing rows;
 ``fill=None`` leaves it out.
@@ -12,6 +16,7 @@ score, because competitions and :mod:`evaluation.submission` reject a submission
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import os
 from pathlib import Path
@@ -29,10 +34,19 @@ class SubmissionError(ValueError):
     """A partial file that cannot be continued, or inputs that cannot make a submission."""
 
 
-def partial_path(out: str | Path) -> Path:
-    """Where a submission's rows go while it is being scored."""
+def partial_path(out: str | Path, rank: int | None = None) -> Path:
+    """Where a submission's rows go while it is being scored: ``OUT.csv.partial``, or for process ``rank`` of
+    a torchrun job ``OUT.csv.partial.RANK``."""
     out = Path(out)
-    return out.with_name(out.name + ".partial")
+    return out.with_name(out.name + ".partial" + ("" if rank is None else f".{rank}"))
+
+
+def partial_files(out: str | Path) -> list[Path]:
+    """Every partial file of ``out`` on disk: the one-process one, then each process's by rank, whatever number
+    of processes wrote them."""
+    single = partial_path(out)
+    ranks = [p for p in single.parent.glob(glob.escape(single.name) + ".*") if p.suffix[1:].isdigit()]
+    return [single] * single.exists() + sorted(ranks, key=lambda p: int(p.suffix[1:]))
 
 
 def check_unique(names: Sequence[str]) -> None:
@@ -99,20 +113,29 @@ def read_partial(path: Path, stamp: str, columns: Sequence[str], key: Sequence[s
     return df.drop_duplicates(list(key), keep="last")
 
 
-def done_names(partial: Path, stamp: str, columns: Sequence[str]) -> set[str]:
-    """The names a partial file already holds scores for (empty when there is no partial file)."""
-    return set(read_partial(partial, stamp, columns)["img_name"]) if partial.exists() else set()
+def read_partials(partials: Sequence[Path], stamp: str, columns: Sequence[str],
+                  key: Sequence[str] = ("img_name",)) -> pd.DataFrame:
+    """The rows of several partial files (:func:`read_partial` each), ``key`` unique (a later file's row wins)."""
+    frames = [read_partial(p, stamp, columns, key) for p in partials]
+    if not frames:
+        return pd.DataFrame(columns=list(columns))
+    return pd.concat(frames, ignore_index=True).drop_duplicates(list(key), keep="last")
 
 
-def write_submission(partial: Path, out: Path, names: Sequence[str], stamp: str, columns: Sequence[str],
+def done_names(partials: Sequence[Path], stamp: str, columns: Sequence[str]) -> set[str]:
+    """The names the partial files already hold scores for (empty when there are none)."""
+    return set(read_partials(partials, stamp, columns)["img_name"])
+
+
+def write_submission(partials: Sequence[Path], out: Path, names: Sequence[str], stamp: str, columns: Sequence[str],
                      fill: float | None = DEFAULT_FILL) -> tuple[int, int]:
-    """Write the partial file's rows of ``names`` to ``out`` in the order of ``names``, atomically.
+    """Write the partial files' rows of ``names`` to ``out`` in the order of ``names``, atomically.
 
-    The values are copied as written, so a resumed run gives the same file as an uninterrupted one. A name
-    without a score gets ``fill`` in every score column (or no row when ``fill`` is None). Returns
-    ``(rows written, rows filled)``.
+    The values are copied as written, so a resumed run gives the same file as an uninterrupted one, and a
+    run sharded over processes the same file as one process. A name without a score gets ``fill`` in every
+    score column (or no row when ``fill`` is None). Returns ``(rows written, rows filled)``.
     """
-    df = read_partial(partial, stamp, columns).set_index("img_name")
+    df = read_partials(partials, stamp, columns).set_index("img_name")
     missing = [n for n in names if n not in df.index]
     if fill is not None and missing:
         filled = pd.DataFrame({c: f"{fill:.6f}" for c in columns[1:]}, index=pd.Index(missing, name="img_name"))
@@ -127,13 +150,15 @@ def write_submission(partial: Path, out: Path, names: Sequence[str], stamp: str,
 
 
 FRAME_COLUMNS = ["img_name", "frame", "time_s", "y_pred"]
+FRAME_KEY = ("img_name", "frame")
 
 
-def write_frame_scores(partial: Path, out: Path, names: Sequence[str], stamp: str, columns: Sequence[str]) -> int:
-    """Write the per-frame rows of a partial file (``img_name,frame,time_s,y_pred[,expert ...]``, one row per
+def write_frame_scores(partials: Sequence[Path], out: Path, names: Sequence[str], stamp: str,
+                       columns: Sequence[str]) -> int:
+    """Write the per-frame rows of partial files (``img_name,frame,time_s,y_pred[,expert ...]``, one row per
     sampled frame of each video) to ``out`` atomically: videos in the order of ``names``, frames in order.
     Returns the number of rows written."""
-    df = read_partial(partial, stamp, columns, key=("img_name", "frame"))
+    df = read_partials(partials, stamp, columns, key=FRAME_KEY)
     first = {name: i for i, name in reversed(list(enumerate(names)))}
     df = df.assign(_pos=df["img_name"].map(first).fillna(-1), _frame=pd.to_numeric(df["frame"]))
     df = df[df["_pos"] >= 0].sort_values(["_pos", "_frame"], kind="stable").drop(columns=["_pos", "_frame"])

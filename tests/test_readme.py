@@ -18,7 +18,7 @@ def readme_commands() -> list[tuple[str, list[str]]]:
     text = (ROOT / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines are one command
             line = line.split("  #")[0].strip()
             if not line or line.startswith("#"):
                 continue
@@ -26,8 +26,8 @@ def readme_commands() -> list[tuple[str, list[str]]]:
             scripts = [t for t in tokens if t.endswith(".py") and (ROOT / t).suffix == ".py" and "/" in t or t == "infer.py"]
             if tokens[0] not in ("python", "torchrun") or not scripts:
                 continue
-            options = [t.split("=")[0] for t in tokens if t.startswith("--") and t != "--nproc_per_node"
-                       and not t.startswith("--nproc_per_node=")]
+            after = tokens[tokens.index(scripts[0]) + 1:]  # python's and torchrun's own options come before
+            options = [t.split("=")[0] for t in after if t.startswith("--")]
             commands.append((scripts[0], options))
     return commands
 
