@@ -578,9 +578,14 @@ def _finish_submission(run: Run, names: Sequence[str], paths: Sequence[str], out
     partial files, removes them and reports; returns the failures of the whole run (0 on other processes,
     so that torchrun names the main process's status)."""
     from core.distributed import gather
-    from scoring.submission import partial_files, write_submission
+    from scoring.submission import SubmissionError, partial_files, write_submission
 
-    every = gather(counts, procs)  # waits for every shard; a process that died fails the job here
+    try:
+        every = gather(counts, procs)  # waits for every shard
+    except RuntimeError as e:  # torch's DistBackendError: a process died (torchrun then stops the others)
+        raise SubmissionError(f"process {procs.rank} of {procs.world}: another process of this run stopped before "
+                              f"finishing its shard (its error is above); the rows scored so far are kept in the "
+                              f"partial files of {out}; rerun with --resume to continue") from e
     if not procs.is_main:
         return 0
     failed, scored, seconds = sum(c[0] for c in every), sum(c[1] for c in every), max(c[2] for c in every)
