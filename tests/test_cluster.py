@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from data_prep.features import embed_images
 from core.labels import LabelsError
 from experts import create_expert
 from tests.conftest import ROOT, write_labelled_set
+from tests.distributed_utils import output_tail, run_torchrun
 
 
 @pytest.fixture
@@ -237,3 +239,69 @@ def test_byte_identical_images_share_a_side():
     splits = assign_folds(rows, kmeans, k=3, same_content=["h1", "h2", "h1", "h3", "h4"])
     assert splits["cluster"].tolist() == [0, 1, 0, 0, 2]
     assert assign_folds(rows, kmeans, k=3)["cluster"].tolist() == kmeans.tolist()
+
+
+# ----------------------------------------------------------------------------------------------- torchrun
+def _cache_features(cache) -> dict[str, np.ndarray]:
+    """Every feature of a feature cache folder, by file hash."""
+    from safetensors import safe_open
+
+    found = {}
+    for shard in cache.glob("*/shard-*.safetensors"):
+        with safe_open(str(shard), framework="np") as f:
+            found.update(zip(f.metadata()["sha1"].split(","), f.get_tensor("features")))
+    return found
+
+
+def _cluster_argv(two_sets) -> list[str]:
+    return [*map(str, two_sets), "--k", "3", "--backbone", "test_efficientnet", "--batch-size", "4", "--workers",
+            "0", "--threads", "1", "--device", "cpu", "--quiet"]
+
+
+def test_torchrun_two_processes_embed_a_share_each_and_match_one_process(two_sets, tmp_path, capsys):
+    argv = _cluster_argv(two_sets)
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    proc = run_torchrun(["data_prep/cluster.py", *argv, "--out", tmp_path / "two"])
+    assert proc.returncode == 0, output_tail(proc)
+    assert "features: 24 embedded (12 + 12 by 2 processes), 0 from the cache" in proc.stdout
+    assert proc.stdout.count("Results saved to") == 1  # rank 0 alone clusters and writes
+    shards = [p.name for p in (tmp_path / "two" / "feature_cache").glob("*/shard-*.safetensors")]
+    assert sorted(name.split("-")[1] for name in shards) == ["rank0", "rank1"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "two" / "splits.csv"),
+                                  pd.read_csv(tmp_path / "one" / "splits.csv"))
+    one, two = _cache_features(tmp_path / "one" / "feature_cache"), _cache_features(tmp_path / "two" / "feature_cache")
+    assert one.keys() == two.keys() and len(one) == 24
+    for h in one:
+        np.testing.assert_allclose(two[h], one[h], atol=1e-5)
+
+
+def test_torchrun_resumes_a_cache_half_made_by_one_process(two_sets, expert, tmp_path, capsys):
+    argv = [*_cluster_argv(two_sets), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0  # the reference, and the backbone's cache folder
+    whole = pd.read_csv(tmp_path / "out" / "splits.csv")
+    cache = tmp_path / "out" / "feature_cache"
+    shutil.rmtree(cache)
+    embed_images(load_rows(two_sets)["path"], expert, cache, device="cpu", progress=False, shard_size=6)
+    shards = sorted(cache.glob("*/shard-*.safetensors"))
+    assert len(shards) == 4  # a run killed after 2 of its 4 shards:
+    for shard in shards[:2]:
+        shard.unlink()
+    proc = run_torchrun(["data_prep/cluster.py", *argv])
+    assert proc.returncode == 0, output_tail(proc)
+    assert "features: 12 embedded (6 + 6 by 2 processes), 12 from the cache" in proc.stdout
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "splits.csv"), whole)
+    assert len(_cache_features(cache)) == 24
+
+
+def test_torchrun_without_cache_gathers_features_and_reports_a_bad_image_once(two_sets, tmp_path, capsys):
+    (two_sets[1].parent / "images" / "004.jpg").write_bytes(b"\xff\xd8 truncated")  # in the second share
+    argv = [*_cluster_argv(two_sets), "--no-cache"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 1
+    capsys.readouterr()
+    proc = run_torchrun(["data_prep/cluster.py", *argv, "--out", tmp_path / "two"])
+    assert proc.returncode != 0, output_tail(proc)  # rank 0's status 1: torchrun fails the job
+    assert "features: 23 embedded (12 + 11 by 2 processes), 0 from the cache, 1 unreadable" in proc.stdout
+    assert sum("004.jpg" in line and line.startswith("error:") for line in proc.stderr.splitlines()) == 1
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "two" / "splits.csv"),
+                                  pd.read_csv(tmp_path / "one" / "splits.csv"))
+    assert not (tmp_path / "two" / "feature_cache").exists()

@@ -21,6 +21,7 @@ from PIL import Image
 from data_prep import sd_augment as sda
 from core.labels import read_labels, split_by_group
 from tests.conftest import ROOT, write_labelled_set
+from tests.distributed_utils import output_tail, run_torchrun
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -243,3 +244,46 @@ def test_face_masks_without_the_detector_are_refused_up_front(saved_models, monk
     with pytest.raises(sda.AugmentError, match="--masks face needs"):
         sda.check_config(_config(saved_models, masks=("face",)))
     sda.check_config(_config(saved_models, masks=("ellipse",)))
+
+
+# ----------------------------------------------------------------------------------------------- torchrun
+def _cli_args(models: dict[str, Path], real_set: Path, out: Path) -> list[str]:
+    """Both modes (2 reals x (1 img2img + 2 inpainting masks) = 6 jobs), tiny, on the CPU."""
+    return [str(real_set), "--model", str(models["sd"]), "--inpaint-model", str(models["inpaint"]), "--out", str(out),
+            "--mode", "img2img,inpaint", "--strengths", "0.5", "--masks", "ellipse,box", "--steps", "2", "--size",
+            str(SIZE), "--batch-size", "2", "--device", "cpu", "--seed", "3", "--prompt", "a face", "--quiet"]
+
+
+def _images(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p), dtype=int) for p in sorted((out / "images").iterdir())}
+
+
+def test_torchrun_two_processes_make_the_same_outputs_as_one(saved_models, real_set, tmp_path, capsys):
+    assert sda.main(_cli_args(saved_models, real_set, tmp_path / "one")) == 0
+    proc = run_torchrun(["data_prep/sd_augment.py", *_cli_args(saved_models, real_set, tmp_path / "two")])
+    assert proc.returncode == 0, output_tail(proc)
+    assert proc.stderr.count("6 images written (3 + 3 by 2 processes), 0 already there") == 1  # rank 0 alone
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "two" / "labels.csv"),
+                                  pd.read_csv(tmp_path / "one" / "labels.csv"))
+    one, two = _images(tmp_path / "one"), _images(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 6
+    for name in one:
+        assert np.abs(one[name] - two[name]).max() <= 1, name  # other batches, same seeds: up to rounding
+
+
+def test_torchrun_remakes_only_what_a_killed_run_left_undone(saved_models, real_set, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert sda.main(_cli_args(saved_models, real_set, out)) == 0
+    before = _images(out)
+    metas = sorted((out / "meta").glob("*.json"))
+    for meta in metas[::2]:  # as if killed before these three were finished
+        meta.unlink()
+    (out / "labels.csv").unlink()
+    proc = run_torchrun(["data_prep/sd_augment.py", *_cli_args(saved_models, real_set, out)])
+    assert proc.returncode == 0, output_tail(proc)
+    assert "3 images written (2 + 1 by 2 processes), 3 already there" in proc.stderr
+    assert len(pd.read_csv(out / "labels.csv")) == 6
+    after = _images(out)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert np.abs(after[name] - before[name]).max() <= 1, name
