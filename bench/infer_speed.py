@@ -4,10 +4,14 @@ and what each expert's forward pass costs.
     python bench/infer_speed.py                          # CPU: default weights at batch 1 and 32, original at 4
     python bench/infer_speed.py --no-original --batch-sizes 1 8 64 --device cuda --images 512
     python bench/infer_speed.py --images 4 --original-images 1 --batch-sizes 1 --original-batch-size 1 --threads 1
+    python bench/infer_speed.py --onnx onnx_weights/ --no-original --threads 1   # PyTorch vs ONNX Runtime
 
 Two models are measured, each described by a :class:`ModelSpec`:
 
 * **default**: a weights folder (``weights/``, or ``--weights``), loaded as ``infer.py`` loads it.
+* **onnx** (with ``--onnx DIR``): the same experts exported by ``export.py``, run by ONNX Runtime (loaded by
+  the same ``load_ensemble``, scored by the same pipeline; onnxruntime's intra-op threads are torch's, set by
+  ``--threads``), at the default's batch sizes on the default's images. A line compares it with the default.
 * **original**: the original competition solution's 7 timm experts, 2x ConvNeXtV2-tiny, 2x EfficientNet-B4,
   2x EfficientNet-B5 and 1x EfficientNet-B6, all at 512x512 input. Their list is read from
   ``train/configs/original.yaml`` (one source of truth with the training recipe), keeping the registry
@@ -172,6 +176,7 @@ class Result:
     threads: int = 0
     workers: int = 0
     per_expert: list[ExpertTiming] = field(default_factory=list)
+    backend: str = "pytorch"  # Ensemble.backend: "onnx" for an export.py folder (onnxruntime, as many threads)
 
 
 def sample_images(n: int, folder: str | Path | None = None) -> list[str]:
@@ -264,7 +269,7 @@ def measure(spec: ModelSpec, paths: Sequence[str], batch_size: int, device: str,
             batch_size=batch_size, images=len(scores), images_per_s=len(scores) / seconds,
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-            threads=torch.get_num_threads(), workers=workers,
+            threads=torch.get_num_threads(), workers=workers, backend=ensemble.backend,
         )
         if per_expert:  # after the peaks are read: this pass must not count in the ensemble's memory
             result.per_expert = time_experts(ensemble, paths, batch_size, device)
@@ -336,6 +341,12 @@ def threads_report(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def _runtime(result: Result) -> str:
+    """What ran the model, with how many CPU threads (onnxruntime's intra-op threads are torch's)."""
+    runtime = "ONNX Runtime" if result.backend == "onnx" else "PyTorch"
+    return f"{runtime}, {result.threads} CPU thread{'s' if result.threads != 1 else ''}"
+
+
 def _composition(names: Sequence[str]) -> str:
     return ", ".join(f"{n}x {name}" for name, n in Counter(names).items())
 
@@ -402,15 +413,15 @@ def report(results: Sequence[Result]) -> str:
     for r in results:
         if r.label not in seen:
             seen.add(r.label)
-            lines.append(f"{r.label}: {r.source}; {_composition(r.experts)}")
+            lines.append(f"{r.label}: {r.source}; {_composition(r.experts)}; {_runtime(r)}")
     rows = [[r.label, len(r.experts), "/".join(map(str, r.input_sizes)), r.batch_size, _rate(r.images_per_s),
              f"{r.peak_rss_mib:.0f}", None if r.peak_gpu_mib is None else f"{r.peak_gpu_mib:.0f}"]
             for r in results]
     headers = ["model", "experts", "input px", "batch", "images/s", "peak RSS MiB", "peak GPU MiB"]
     lines += ["", tabulate(rows, headers, tablefmt="github", missingval="-", disable_numparse=True)]
-    ratios = ratio_line(results)
+    ratios = [line for line in (ratio_line(results), ratio_line(results, "onnx", "default")) if line]
     if ratios:
-        lines += ["", ratios]
+        lines += ["", *ratios]
     experts = per_expert_table(results)
     if experts:
         lines += ["", PER_EXPERT_TITLE, "", experts]
@@ -432,6 +443,9 @@ def main(argv: Sequence[str] | None = None, original: ModelSpec | None = None) -
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads in each measuring process (default: torch's, one per core); "
                              "on a machine busy with other work, 1 avoids OpenMP threads waiting on each other")
+    parser.add_argument("--onnx", default=None, metavar="DIR",
+                        help="also measure this ONNX export of the default (python export.py --onnx DIR), run by "
+                             "ONNX Runtime, at the default's batch sizes on the same images")
     parser.add_argument("--no-original", action="store_true", help="measure the default ensemble only")
     parser.add_argument("--no-per-expert", action="store_true",
                         help="skip timing each expert alone on the same batches (a second pass over the images)")
@@ -452,6 +466,8 @@ def main(argv: Sequence[str] | None = None, original: ModelSpec | None = None) -
     n_original = args.original_images or (8 if args.device == "cpu" else args.images)
     paths = sample_images(max(args.images, n_original), args.image_dir)
     plan = [(ModelSpec("default", weights=args.weights), args.batch_sizes, paths[:args.images])]
+    if args.onnx:
+        plan.append((ModelSpec("onnx", weights=args.onnx), args.batch_sizes, paths[:args.images]))
     if not args.no_original:
         plan.append((original or original_spec(args.original_config), args.original_batch_sizes, paths[:n_original]))
 
@@ -464,7 +480,8 @@ def main(argv: Sequence[str] | None = None, original: ModelSpec | None = None) -
                                 max(args.batch_sizes), args.device, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(threads_report(results))
         return 0
-    print(f"device: {args.device}; torch threads: {args.threads or torch.get_num_threads()}; images per run: "
+    onnx = " (onnxruntime intra-op threads: the same)" if args.onnx else ""
+    print(f"device: {args.device}; torch threads: {args.threads or torch.get_num_threads()}{onnx}; images per run: "
           + ", ".join(f"{spec.label} {len(p)}" for spec, _, p in plan), flush=True)
     results = run_benchmark(plan, args.device, args.threads, log=lambda m: print(m, file=sys.stderr, flush=True),
                             per_expert=not args.no_per_expert)

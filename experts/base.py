@@ -134,6 +134,8 @@ class Expert(nn.Module):
     ``num_features`` is that width; ``region_dim`` is ``D``.
     """
 
+    backend = "pytorch"  # what runs it; experts.onnx_expert.OnnxExpert says "onnx" (see Ensemble.backend)
+
     def __init__(self, config: ExpertConfig, num_features: int):
         super().__init__()
         self.config = config

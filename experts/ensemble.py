@@ -45,6 +45,16 @@ class Ensemble(nn.Module):
         return list(self.experts)
 
     @property
+    def backend(self) -> str:
+        """``"onnx"`` when any expert runs under onnxruntime (``export.py`` folders), else ``"pytorch"``.
+
+        ONNX experts give logits only: what needs features or gradients (Grad-CAM heat maps, training) must
+        check this and ask for the PyTorch weights folder.
+        """
+        backends = {getattr(e, "backend", "pytorch") for e in self.experts.values()}
+        return "onnx" if "onnx" in backends else "pytorch"
+
+    @property
     def input_sizes(self) -> list[int]:
         """The distinct input sizes the experts need; the loader resizes each image once per size."""
         return sorted({e.config.input_size for e in self.experts.values()})

@@ -17,6 +17,9 @@ writes it with :func:`set_threshold`)::
     "threshold": {"value": 0.62, "rule": "balanced", "target_fpr": null, "set": "...", "n": 1753, ...}
 
 A folder without one gets 0.5.
+
+``export.py`` writes the same format with ONNX graphs (``KEY/model.onnx``, ``"backend": "onnx"`` in each
+expert entry; :mod:`experts.onnx_expert`); :func:`load_ensemble` loads either kind into an :class:`Ensemble`.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .base import Expert, ExpertConfig
 from core.files import atomic_folder, atomic_write, sha256_file
@@ -41,6 +45,7 @@ MANIFEST = "manifest.json"
 THRESHOLD = "threshold"  # the manifest's top-level entry for the decision threshold
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+BACKENDS = ("pytorch", "onnx")  # an expert entry's "backend": what runs it (absent: pytorch)
 
 
 class WeightsError(ValueError):
@@ -256,10 +261,28 @@ def set_threshold(folder: str | Path, threshold: Mapping[str, Any]) -> None:
 
 
 def load_ensemble(folder: str | Path, device: str | torch.device = "cpu") -> Ensemble:
-    """Load a weights folder as an :class:`Ensemble` ready for inference, with its recorded threshold."""
+    """Load a weights folder as an :class:`Ensemble` ready for inference, with its recorded threshold.
+
+    Each expert entry's ``backend`` says what runs it: ``"pytorch"`` (the default: config plus safetensors) or
+    ``"onnx"`` (a graph exported by ``export.py``, run by onnxruntime on ``device``; :mod:`experts.onnx_expert`).
+    """
     manifest = read_manifest(folder)
     threshold = manifest_threshold(manifest, Path(folder) / MANIFEST)  # before the (slow) expert loads
-    experts = {e["key"]: load_expert(folder, e) for e in manifest["experts"]}
+    experts = {e["key"]: load_backend_expert(folder, e, device) for e in manifest["experts"]}
     weights = {e["key"]: float(e.get("weight", 1.0)) for e in manifest["experts"]}
     ensemble = Ensemble(experts, weights, threshold=threshold)
     return ensemble.to(device, memory_format=torch.channels_last).eval()
+
+
+def load_backend_expert(folder: str | Path, entry: Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """One expert of a weights folder, by its entry's ``backend``: :func:`load_expert` for PyTorch, or an
+    onnxruntime session (imported only here, only for an ONNX entry) behind the same interface."""
+    backend = entry.get("backend", "pytorch")
+    if backend == "pytorch":
+        return load_expert(folder, entry)
+    if backend == "onnx":
+        from .onnx_expert import load_onnx_expert
+
+        return load_onnx_expert(folder, entry, device)
+    raise WeightsError(f"{Path(folder) / MANIFEST}: expert {entry['key']!r} has backend {backend!r}; "
+                       f"this code reads {', '.join(BACKENDS)}")

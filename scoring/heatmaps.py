@@ -184,6 +184,9 @@ def expert_heatmaps(ensemble: Ensemble, image_rgb: np.ndarray, size: int | None 
     ``eval_transform`` at its input size), then resized (bilinear) to ``size``."""
     if ENSEMBLE_KEY in ensemble.names:
         raise ValueError(f"an expert named {ENSEMBLE_KEY!r} would hide the averaged map")
+    if ensemble.backend != "pytorch":
+        raise ValueError(f"heat maps need the experts' gradients, which {ensemble.backend} experts do not give: "
+                         "use the PyTorch weights folder the graphs were exported from")
     size = size or max(ensemble.input_sizes)
     image = scored_image(ensemble, image_rgb, crop_faces)
     maps: dict[str, np.ndarray] = {}

@@ -13,10 +13,10 @@ from tests.conftest import ROOT
 
 # Stage of each top-level package: a module may import from its own stage or an earlier one, never a later.
 STAGES = {"core": 0, "experts": 1, "scoring": 2, "data_prep": 3, "train": 3, "evaluation": 4, "bench": 5,
-          "infer": 5, "service": 5, "serve": 5}
+          "infer": 5, "service": 5, "serve": 5, "export": 5}
 SOURCES = sorted(p for p in ROOT.rglob("*.py")
                  if p.relative_to(ROOT).parts[0] in STAGES or p.name == "infer.py"
-                 or p.relative_to(ROOT).as_posix() == "serve.py")
+                 or p.relative_to(ROOT).as_posix() in ("serve.py", "export.py"))
 
 
 def _rel(path: Path) -> str:
@@ -143,7 +143,7 @@ def test_the_package_installs_every_stage_and_its_commands_resolve():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = set(project["tool"]["setuptools"]["packages"])
     on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")}
-    assert on_disk - {"tests"} <= packages and set(STAGES) - {"infer", "serve"} <= packages
+    assert on_disk - {"tests"} <= packages and set(STAGES) - {"infer", "serve", "export"} <= packages
     for name, target in project["project"]["scripts"].items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name

@@ -23,7 +23,7 @@ def readme_commands() -> list[tuple[str, list[str]]]:
             if not line or line.startswith("#"):
                 continue
             tokens = shlex.split(line, comments=True)
-            scripts = [t for t in tokens if t.endswith(".py") and (ROOT / t).suffix == ".py" and "/" in t or t == "infer.py"]
+            scripts = [t for t in tokens if t.endswith(".py") and (ROOT / t).suffix == ".py" and "/" in t or t in ("infer.py", "export.py")]
             if tokens[0] not in ("python", "torchrun") or not scripts:
                 continue
             after = tokens[tokens.index(scripts[0]) + 1:]  # python's and torchrun's own options come before
