@@ -183,6 +183,9 @@ def score_sources(sources: Sequence[str], run: Run, submission: str | None = Non
     try:
         device = process_device(device, procs)
         ensemble = load_ensemble(run.weights, device)
+        if run.heatmap and ensemble.backend != "pytorch":
+            raise OptionError(f"--heatmap needs the experts' gradients, and {run.weights} holds {ensemble.backend} "
+                              "graphs: pass the PyTorch weights folder they were exported from")
         names, paths = items["img_name"].tolist(), items["path"].tolist()
         if submission:
             failed = score_to_submission(run, names, paths, ensemble, device, submission, resume, fill, procs)

@@ -90,6 +90,11 @@ class Service:
         self.batch_size, self.max_bytes, self.timeout = batch_size, max_bytes, timeout
         self.tmp_dir, self.video_frames, self.video_agg = tmp_dir, video_frames, video_agg
         self.heatmap_fn, self.video_fn = optional_features()
+        self.no_heatmap = "heatmaps are not available in this installation (scoring/heatmaps.py is missing)"
+        if any(e.get("backend", "pytorch") != "pytorch" for e in manifest["experts"]):
+            self.heatmap_fn = None  # ONNX graphs give no gradients to map
+            self.no_heatmap = (f"heatmaps need the experts' gradients, and {self.weights} holds ONNX graphs: "
+                               "serve the PyTorch weights folder they were exported from for heatmaps")
         self.ensemble = ensemble
         self.scorer: Scorer | None = None
         self.load_error = ""
@@ -159,7 +164,7 @@ class Service:
         if self.active >= self.capacity:
             return _busy(f"busy: {self.active} requests in progress (the limit is {self.capacity}); retry later")
         if heatmap and self.heatmap_fn is None:
-            return _error(501, "heatmaps are not available in this installation (scoring/heatmaps.py is missing)")
+            return _error(501, self.no_heatmap)
         self.active += 1
         try:
             return await self._score(request, heatmap)

@@ -251,3 +251,29 @@ def test_providers_follow_the_device():
     assert providers_for(torch.device("cuda:1"), with_cuda) == with_cuda
     assert providers_for(torch.device("cuda"), cpu_only) == cpu_only
     assert export.DEFAULT_OPSET == DEFAULT_OPSET  # export.py's copy, for an instant --help
+
+
+def test_infer_refuses_heatmaps_of_onnx_weights_before_scoring(folders, tmp_path, capsys):
+    status = infer.main([str(folders["images"]), "--weights", str(folders["onnx"]), "--heatmap", str(tmp_path / "maps")])
+    assert status == 2
+    assert "--heatmap needs the experts' gradients" in capsys.readouterr().err
+    assert not (tmp_path / "maps").exists()
+
+
+def test_the_service_scores_onnx_weights_and_refuses_their_heatmaps(folders):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    image = next(p for p in sorted(folders["images"].iterdir()) if p.suffix == ".jpg" and "broken" not in p.name)
+    app = create_app(folders["onnx"], threads=1)
+    with TestClient(app) as client:
+        assert app.state.service.wait_ready(60), app.state.service.load_error
+        assert client.get("/health").json()["features"]["heatmap"] is False
+        files = {"file": (image.name, image.read_bytes(), "image/jpeg")}
+        scored = client.post("/v1/score", files=files)
+        refused = client.post("/v1/score?heatmap=1", files=files)
+    ensemble = load_ensemble(folders["pytorch"])
+    reference = next(score_batches(ensemble, [str(image)], progress=False)).probs[0]
+    assert scored.status_code == 200 and abs(scored.json()["prob"] - reference) < 1e-4
+    assert refused.status_code == 501 and "holds ONNX graphs" in refused.json()["error"]
