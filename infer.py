@@ -37,8 +37,8 @@ cores are shared out among a machine's processes. torchrun reports exit status 1
 scored) as a failure, with its own summary, after the submission is written.
 
 On a CPU, torch uses one thread per core neither taken by the --workers decoding processes nor busy with
-other work (the 1-minute load average); --threads sets it (``bench/infer_speed.py --threads-table``
-measures the choice).
+other work (the smaller of the 1-minute load average and a 0.1 s sample of /proc/stat); --threads sets it
+(``bench/sharded_infer.py`` and ``bench/infer_speed.py --threads-table`` measure the choice).
 
 Videos (.mp4 .mov .avi .mkv .webm .m4v; named directly, in folders, CSV lists and globs) are decoded with
 PyAV: --frames evenly spaced frames (16; fewer when the video has fewer) are scored as images are (with
@@ -93,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto, the GPU if any)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--workers", type=int, default=None,
-                   help="image-decoding worker processes (default: 1 on a machine with 2 or more CPUs when there is "
+                   help="image-decoding worker processes (default: 1 on a machine with 4 or more CPUs when there is "
                         "more than one batch to score, else 0)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: 0, one per CPU neither taken by --workers nor busy with other "
-                        "work by the load average)")
+                        "work now)")
     p.add_argument("--crop-faces", action="store_true",
                    help="score a square crop around the largest face (YuNet) instead of the whole image")
     p.add_argument("--frames", type=int, default=16, metavar="N",

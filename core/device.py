@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -32,12 +33,54 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def busy_cpus() -> int:
-    """CPUs other work keeps busy: the 1-minute load average, rounded (0 where the OS gives none)."""
+def busy_cpus(sample_s: float = 0.1) -> int:
+    """CPUs other work keeps busy, rounded: the smaller of the 1-minute load average and the busy time of the
+    CPUs this process may use over the next ``sample_s`` seconds (``/proc/stat``); 0 where the OS gives neither.
+
+    The load average alone lags: for a minute or two after a job ends it still counts it, and a command run
+    right after another then took half the CPUs it had (measured: 5.5 images/s instead of 8.8 on an idle
+    2-core machine). The sample alone would miss a job that pauses for a moment. Call it before starting
+    work of one's own: the sample counts every process, this one too.
+    """
     try:
-        return max(0, round(os.getloadavg()[0]))
+        load = os.getloadavg()[0]
     except (AttributeError, OSError):
-        return 0
+        load = 0.0
+    now = _busy_now(sample_s)
+    return max(0, round(load if now is None else min(load, now)))
+
+
+def _busy_now(sample_s: float) -> float | None:
+    """How many of this process's CPUs were busy, summed, over ``sample_s`` seconds (None without /proc/stat)."""
+    import time
+
+    first = _cpu_times()
+    if first is None:
+        return None
+    time.sleep(sample_s)
+    second = _cpu_times() or {}
+    busy = 0.0
+    for cpu, (idle, total) in first.items():
+        idle2, total2 = second.get(cpu, (idle, total))
+        if total2 > total:
+            busy += 1.0 - (idle2 - idle) / (total2 - total)
+    return busy
+
+
+def _cpu_times() -> dict[int, tuple[int, int]] | None:
+    """``{cpu: (idle + iowait ticks, all ticks)}`` of the CPUs this process may run on, from /proc/stat."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        lines = Path("/proc/stat").read_text().splitlines()
+    except (AttributeError, OSError):
+        return None
+    times = {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in allowed:
+            ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+            times[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))
+    return times or None
 
 
 def default_threads(workers: int = 0) -> int:
@@ -56,16 +99,17 @@ def default_threads(workers: int = 0) -> int:
 
 
 def default_workers(n_items: int, batch_size: int) -> int:
-    """Loader workers when the user does not say: one decoding process beside the model on a machine with 2
-    or more CPUs, when there is more than one batch to overlap with; none for a single batch (starting a
-    process would cost more than it saves). Under torchrun each process counts its share of the CPUs.
+    """Loader workers when the user does not say: one decoding process beside the model on a machine with 4
+    or more CPUs (under torchrun: this process's share of them), when there is more than one batch to overlap
+    with; none otherwise.
 
-    Measured on 2 CPUs, the shipped model at batch 32 (``bench/infer_speed.py --threads-table``): 1 thread +
-    1 worker was the fastest setting, 2 threads + 0 workers 30% slower, with another job on one core; see
-    the README's threads table for the idle machine.
+    A worker is given a CPU of its own (:func:`default_threads`), and on 2 CPUs that CPU is worth more to
+    the model: measured with the shipped model at batch 32 (``bench/sharded_infer.py``, 256 images), on an
+    idle machine 2 threads and no worker scored 8.8 images/s, 1 thread and 1 worker 5.5; with a job on one
+    core, 1 thread with or without a worker was within noise (``bench/infer_speed.py --threads-table``).
     """
     cpus = cpu_count() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this process's share
-    return 1 if cpus >= 2 and n_items > batch_size else 0
+    return 1 if cpus >= 4 and n_items > batch_size else 0
 
 
 def set_threads(threads: int | None, workers: int = 0) -> int:

@@ -138,9 +138,12 @@ def test_threads_option_and_default_leave_a_core_to_each_loader_worker(tiny_weig
     assert [device.default_threads(w) for w in (0, 1, 3)] == [2, 1, 1]
     monkeypatch.setattr(device, "busy_cpus", lambda: 0)
     assert device.default_workers(1, 32) == 0 and device.default_workers(33, 32) == 1  # a process only to overlap
-    monkeypatch.setattr(device, "cpu_count", lambda: 1)
-    assert device.default_workers(1000, 32) == 0
+    monkeypatch.setattr(device, "cpu_count", lambda: 2)
+    assert device.default_workers(1000, 32) == 0  # on 2 CPUs both go to the model
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(device, "cpu_count", lambda: 4)
+    assert device.default_workers(1000, 32) == 0 and device.default_threads(0) == 2  # torchrun: 2 CPUs each
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     before = torch.get_num_threads()
     try:
         assert infer.main([str(image_folder / "images" / "000.jpg"), "--weights", str(tiny_weights), "--quiet",
@@ -153,3 +156,19 @@ def test_threads_option_and_default_leave_a_core_to_each_loader_worker(tiny_weig
         assert torch.get_num_threads() == 4  # one image: no worker, every CPU to torch
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_cpus_take_the_smaller_of_the_load_average_and_a_sample_of_now(monkeypatch):
+    """The load average remembers a job that ended a minute ago; the sample does not."""
+    from core import device
+
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (1.6, 1.0, 1.0))
+    monkeypatch.setattr(device, "_busy_now", lambda sample_s: 0.1)
+    assert device.busy_cpus() == 0
+    monkeypatch.setattr(device, "_busy_now", lambda sample_s: 1.9)
+    assert device.busy_cpus() == 2
+    monkeypatch.setattr(device, "_busy_now", lambda sample_s: None)  # no /proc/stat: the load average alone
+    assert device.busy_cpus() == 2
+    real = device._cpu_times()
+    if real is not None:  # Linux: one entry per CPU this process may use, idle ticks within all ticks
+        assert set(real) == set(os.sched_getaffinity(0)) and all(0 <= i <= t for i, t in real.values())
