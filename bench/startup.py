@@ -31,7 +31,7 @@ HELP_TARGET_S = 2.0
 IMAGE_TARGET_X_TORCH = 2.0
 # The commands whose --help is timed, as a user types them after ``python``; evaluation/ adds its own.
 COMMANDS: tuple[tuple[str, ...], ...] = (
-    ("infer.py",),
+    ("infer.py",), ("export.py",), ("serve.py",),
     ("train/joint.py",), ("train/heads.py",), ("train/token_cache.py",), ("train/merge.py",),
     ("data_prep/cluster.py",), ("data_prep/index.py",), ("data_prep/faces.py",), ("data_prep/augment_edits.py",),
     ("data_prep/sd_augment.py",),
