@@ -3,6 +3,7 @@ reported, per-shard resume, and a crashed process that fails the job without los
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,14 @@ def test_partial_files_are_found_in_rank_order(tmp_path):
     for suffix in ["", ".10", ".2", ".tmp", "x"]:
         Path(f"{out}.partial{suffix}").write_text("")
     assert [p.name for p in partial_files(out)] == ["s[1].csv.partial", "s[1].csv.partial.2", "s[1].csv.partial.10"]
+
+
+def test_the_sharded_bench_times_the_commands_users_run_and_compares_their_submissions(job, capsys):
+    from bench import sharded_infer
+
+    assert sharded_infer.main(["--weights", str(job / "weights"), "--images", "6", "--image-dir", str(ROOT / "demo"),
+                               "--processes", "1", "2", "--batch-size", "2", "--threads", "1", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("|") and line.split("|")[1].strip() in ("1", "2")]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "2"] and all("|        6 |" in r for r in rows)
+    assert float(re.search(r"max \|diff\| of a probability between runs (\S+)", out)[1]) < TOLERANCE
