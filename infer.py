@@ -160,7 +160,7 @@ def score_sources(sources: Sequence[str], run: Run, submission: str | None = Non
     Started by torchrun (``WORLD_SIZE`` > 1), it is one process of a sharded run: see
     :func:`score_to_submission`."""
     from core.device import default_workers, resolve_device, set_threads
-    from core.distributed import init_distributed, process_device, shutdown, world_size
+    from core.distributed import SHARD_WAIT, init_distributed, process_device, shutdown, world_size
     from core.image_lists import read_image_list
     from experts import load_ensemble
 
@@ -179,7 +179,7 @@ def score_sources(sources: Sequence[str], run: Run, submission: str | None = Non
     if run.workers is None:
         run = replace(run, workers=default_workers(len(items) // world_size(), run.batch_size))
     set_threads(run.threads, run.workers)
-    procs = init_distributed(device)
+    procs = init_distributed(device, timeout=SHARD_WAIT)
     try:
         device = process_device(device, procs)
         ensemble = load_ensemble(run.weights, device)

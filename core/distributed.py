@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+#: How long a process that has finished its shard waits for the others at the end (scoring, embedding,
+#: generation). Shards are equal in count, not in time (image sizes, videos, a slower GPU), and a collective
+#: that waits past the group's timeout (10 minutes by default with NCCL) would fail a run that is fine.
+#: A process that dies does not leave the others waiting: torchrun stops them all at once.
+SHARD_WAIT = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -51,16 +59,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group torchrun describes in the environment (no-op when run directly)."""
+def init_distributed(device: torch.device, timeout: timedelta | None = None) -> Dist:
+    """Join the process group torchrun describes in the environment (no-op when run directly).
+
+    ``timeout``: how long a collective may wait (torch's default: 10 minutes with NCCL, 30 with gloo);
+    sharded work passes :data:`SHARD_WAIT`. On a GPU the group is bound to ``cuda:LOCAL_RANK``.
+    """
     world = world_size()
     if world <= 1:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend="nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group(backend="gloo", timeout=timeout)
     return Dist(rank, world, local_rank)
 
 

@@ -345,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Heavy (torch, timm, transformers, pandas): only once the arguments are fine.
     from core.device import DeviceError, resolve_device, set_threads
-    from core.distributed import init_distributed, process_device, shutdown
+    from core.distributed import SHARD_WAIT, init_distributed, process_device, shutdown
 
     try:
         set_threads(args.threads, args.workers)
@@ -353,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    d = init_distributed(device)  # under torchrun: join the others (nothing happens when run directly)
+    # under torchrun: join the others (nothing happens when run directly)
+    d = init_distributed(device, timeout=SHARD_WAIT)
     device = process_device(device, d)
     try:  # embed (each torchrun process its share), then on rank 0 alone cluster and write
         import torch

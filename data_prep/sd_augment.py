@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from core.distributed import Dist, init_distributed, shutdown
+    from core.distributed import SHARD_WAIT, Dist, init_distributed, shutdown
     from core.labels import LabelsError
 
     cfg = AugmentConfig(
@@ -550,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         disable_safety_checker=args.no_safety_checker, inpaint_model=args.inpaint_model, variant=args.variant)
     d = Dist()
     try:
-        d = init_distributed(_device(cfg.device))  # under torchrun: join the others (else nothing happens)
+        # under torchrun: join the others (else nothing happens)
+        d = init_distributed(_device(cfg.device), timeout=SHARD_WAIT)
         if cfg.disable_safety_checker and d.is_main:
             print("warning: the safety checker is disabled (--no-safety-checker): outputs are not filtered for "
                   "NSFW content", file=sys.stderr)

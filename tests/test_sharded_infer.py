@@ -180,3 +180,17 @@ def test_the_sharded_bench_times_the_commands_users_run_and_compares_their_submi
     cells = [[c.strip() for c in r.split("|")[1:-1]] for r in rows]  # processes, threads, workers, images, ...
     assert [c[0] for c in cells] == ["1", "2"] and all(c[3] == "6" and float(c[-1]) > 0 for c in cells)
     assert float(re.search(r"max \|diff\| of a probability between runs (\S+)", out)[1]) < TOLERANCE
+
+
+def test_sharded_work_waits_for_the_slowest_shard_past_torchs_default_timeout(monkeypatch):
+    """Equal shards can take unequal times; NCCL's default 10 minutes would fail a healthy run at the end."""
+    from core import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    d = distributed.init_distributed(torch.device("cpu"), timeout=distributed.SHARD_WAIT)
+    assert (d.rank, d.world) == (1, 2) and calls == [{"backend": "gloo", "timeout": distributed.SHARD_WAIT}]
+    assert distributed.SHARD_WAIT.total_seconds() >= 6 * 3600
