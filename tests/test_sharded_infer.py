@@ -2,10 +2,8 @@
 reported, per-shard resume, and a crashed process that fails the job without losing finished shards."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from core.distributed import shard_bounds
 from experts import create_expert, save_ensemble
 from scoring.submission import partial_files, partial_path
 from tests.conftest import ROOT
+from tests.distributed_utils import run_torchrun
 
 N_IMAGES, BATCH, BAD = 12, 3, 4  # two shards of 6, each two batches; the image at BAD (rank 0's shard) is corrupt
 TOLERANCE = 1e-5  # scores are written with 6 decimals; one process and two may round the last one differently
@@ -73,12 +72,11 @@ def job(tmp_path_factory) -> Path:
 
 
 def _torchrun(job: Path, out: str, *extra: str, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    """infer.py (or ``script``) on the job's list, as 2 processes under torchrun (gloo: the CPU)."""
     command = script or [str(ROOT / "infer.py")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *command, str(job / "list.csv"), "--weights", str(job / "weights"), "--submission",
-                           str(job / out), "--batch-size", str(BATCH), "--workers", "0", "--quiet", *extra],
-                          cwd=job, env=env, capture_output=True, text=True, timeout=300)
+    return run_torchrun([*command, job / "list.csv", "--weights", job / "weights", "--submission", job / out,
+                         "--batch-size", str(BATCH), "--workers", "0", "--quiet", *extra],
+                        timeout=300, env={"PYTHONPATH": str(ROOT)})  # the crashing script imports the tree
 
 
 def _assert_same_scores(a: Path, b: Path) -> None:
