@@ -296,10 +296,10 @@ class _FrameScores:
     run keeps the rows of the videos scored before the kill; any other run starts the partial files over."""
 
     def __init__(self, out: str, stamp: str, experts: Sequence[str], resume: bool, procs: "Dist"):
-        from scoring.submission import FRAME_COLUMNS, FRAME_KEY, partial_files, partial_path, read_partials
+        from scoring.submission import FRAME_COLUMNS, FRAME_KEY, partial_files, read_partials
 
         self.out, self.stamp, self.procs = Path(out), stamp, procs
-        self.partial = partial_path(out, procs.rank if procs.enabled else None)
+        self.partial = _own_partial(out, procs)
         self.columns = [*FRAME_COLUMNS, *experts]
         if resume:
             read_partials(partial_files(out), stamp, self.columns, key=FRAME_KEY)  # refuses other settings
@@ -337,6 +337,13 @@ class _FrameScores:
         for partial in partials:
             partial.unlink()
         return rows
+
+
+def _own_partial(out: str | Path, procs: "Dist") -> Path:
+    """The partial file this process writes for ``out``: its own under torchrun, the one file otherwise."""
+    from scoring.submission import partial_path
+
+    return partial_path(out, procs.rank if procs.enabled else None)
 
 
 def _stamp(run: Run, paths: Sequence[str]) -> str:
@@ -534,9 +541,9 @@ def _score_shard(run: Run, names: Sequence[str], paths: Sequence[str], ensemble:
     """Score ``names`` into this process's partial file; returns ``(failed, scored)``. Stopped by an exception,
     it says how many rows the partial file keeps for ``--resume``."""
     from core.progress import write_line
-    from scoring.submission import PartialWriter, partial_path
+    from scoring.submission import PartialWriter
 
-    partial = partial_path(to.out, to.procs.rank if to.procs.enabled else None)
+    partial = _own_partial(to.out, to.procs)
     failed = scored = 0
     with PartialWriter(partial, to.stamp, to.columns) as writer:
         try:

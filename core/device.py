@@ -33,6 +33,12 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def local_processes() -> int:
+    """Processes of this run on this machine, which share its CPUs: torchrun's ``LOCAL_WORLD_SIZE`` (1 when
+    run directly)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def busy_cpus(sample_s: float = 0.1) -> int:
     """CPUs other work keeps busy, rounded: the smaller of the 1-minute load average and the busy time of the
     CPUs this process may use over the next ``sample_s`` seconds (``/proc/stat``); 0 where the OS gives neither.
@@ -93,9 +99,7 @@ def default_threads(workers: int = 0) -> int:
     4.8 s with 2 threads and 2.8 s with 1, and a batch run lost 20 to 30% (``bench/infer_speed.py
     --threads-table``); on an idle machine every core is used.
     """
-    free = cpu_count() - busy_cpus()
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share it
-    return max(1, free // max(1, processes) - max(0, workers))
+    return max(1, (cpu_count() - busy_cpus()) // local_processes() - max(0, workers))
 
 
 def default_workers(n_items: int, batch_size: int) -> int:
@@ -108,8 +112,7 @@ def default_workers(n_items: int, batch_size: int) -> int:
     idle machine 2 threads and no worker scored 8.8 images/s, 1 thread and 1 worker 5.5; with a job on one
     core, 1 thread with or without a worker was within noise (``bench/infer_speed.py --threads-table``).
     """
-    cpus = cpu_count() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this process's share
-    return 1 if cpus >= 4 and n_items > batch_size else 0
+    return 1 if cpu_count() // local_processes() >= 4 and n_items > batch_size else 0
 
 
 def set_threads(threads: int | None, workers: int = 0) -> int:

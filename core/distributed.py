@@ -49,11 +49,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def local_world_size() -> int:
-    """Processes of this run on this machine (1 when run directly): they share its CPUs."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
 def is_main_process() -> bool:
     """Rank 0 under torchrun, or the only process: the one that prints, logs and writes."""
     return int(os.environ.get("RANK", "0")) == 0
